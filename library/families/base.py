@@ -1,0 +1,87 @@
+"""The seam between the shared trainer and one model family.
+
+Everything that differs between SD 1.x/2.x, SDXL and FLUX lives behind `ModelFamily`; shared code
+(data, networks, training loop) calls only these members and reads `ModelBundle`/`ModelInfo` fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a family learns from a checkpoint *without* loading weights (headers and config files only)."""
+
+    family: str  # "sd1" | "sd2" | later "sdxl", "flux"
+    path: Path
+    layout: str  # "diffusers" | "single_file"
+    v2: bool = False
+    v_parameterization: bool = False
+    base_model_version: str = "sd_v1"  # kohya ss_base_model_version
+    modelspec_architecture: str = "stable-diffusion-v1/lora"
+    modelspec_implementation: str = "diffusers"
+    default_resolution: int = 512
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelBundle:
+    """Loaded components. `text_encoders` and `tokenizers` are parallel lists (one each for SD1/2)."""
+
+    info: ModelInfo
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list[torch.nn.Module]
+    tokenizers: list[Any]
+    noise_scheduler: Any
+    vae_scale: float = 0.18215
+    vae_shift: float = 0.0
+
+
+class ModelFamily(Protocol):
+    """One class per family. Stateless: all state lives in `ModelBundle`."""
+
+    name: str
+    latent_channels: int
+    latent_downscale: int  # pixels per latent cell (8 for SD VAEs)
+    bucket_reso_steps_multiple: int  # bucket_reso_steps must be a multiple of this
+
+    def inspect(self, model_path: Path, *, v2: bool, v_parameterization: bool) -> ModelInfo:
+        """Read headers/configs only; raise UserError for missing components or a wrong family."""
+
+    def load(
+        self,
+        info: ModelInfo,
+        *,
+        vae_path: Path | None,
+        tokenizer_path: Path | None,
+        dtype: torch.dtype,
+    ) -> ModelBundle:
+        """Load every component on CPU in `dtype` (VAE may stay fp32)."""
+
+    def encode_images(self, bundle: ModelBundle, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1], [B,3,H,W] -> unscaled latents (a posterior sample), as kohya caches them."""
+
+    def encode_prompts(
+        self, bundle: ModelBundle, captions: list[str], *, clip_skip: int | None, max_token_length: int | None
+    ) -> dict[str, torch.Tensor]:
+        """Captions -> conditioning tensors for `predict` (on the text encoders' device)."""
+
+    def noisy_input_and_target(
+        self,
+        bundle: ModelBundle,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled latents + noise at `timesteps` -> (model input, regression target)."""
+
+    def predict(
+        self, bundle: ModelBundle, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """One denoiser forward."""

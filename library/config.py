@@ -1,0 +1,413 @@
+"""The one typed training config: kohya flag names and defaults, merged from CLI, TOML and YAML.
+
+Order of precedence (kohya's): explicit CLI flag > `--config_file` value > default. Unlike kohya, an unknown
+key in a config file or an unknown flag is an error with a "did you mean" suggestion, and every problem is
+reported at once. Nothing below the entry scripts takes this object whole: `library.training.run` reads it
+and passes plain values down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from library.errors import UserError, did_you_mean
+
+GROUPS = {
+    "model": "Model",
+    "dataset": "Dataset (ignored per key when --dataset_config sets it)",
+    "network": "Network (LoRA)",
+    "training": "Training",
+    "optimizer": "Optimizer and learning-rate schedule",
+    "precision": "Precision, attention and memory",
+    "saving": "Saving and resuming",
+    "logging": "Logging",
+    "config": "Config files",
+}
+
+
+def flag(default: Any, group: str, help: str, **argparse_kwargs: Any) -> Any:
+    metadata = {"group": group, "help": help, **argparse_kwargs}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+@dataclass
+class TrainConfig:
+    # --- model
+    pretrained_model_name_or_path: str | None = flag(
+        None, "model", "base model: a diffusers folder or a single .safetensors/.ckpt checkpoint (required)"
+    )
+    v2: bool = flag(
+        False, "model", "SD 2.x model (detected from the weights; accepted for kohya compatibility)"
+    )
+    v_parameterization: bool = flag(
+        False, "model", "train with the v-prediction target (SD 2.x 768-v models)"
+    )
+    vae: str | None = flag(None, "model", "VAE to use instead of the checkpoint's (folder or file)")
+    tokenizer_path: str | None = flag(
+        None, "model", "folder with the CLIP tokenizer, for single-file checkpoints (vocab.json, merges.txt)"
+    )
+    tokenizer_cache_dir: str | None = flag(
+        None, "model", "kohya-style local tokenizer cache (<dir>/openai_clip-vit-large-patch14, ...)"
+    )
+    # --- dataset
+    dataset_config: str | None = flag(
+        None, "dataset", "dataset TOML/JSON ([general], [[datasets]], [[datasets.subsets]])"
+    )
+    train_data_dir: str | None = flag(
+        None, "dataset", "DreamBooth-style folder of <repeats>_<class tokens> sub-folders"
+    )
+    reg_data_dir: str | None = flag(None, "dataset", "regularization images, same folder convention")
+    resolution: str | None = flag(None, "dataset", 'training resolution "512" or "512,768" (width,height)')
+    train_batch_size: int = flag(1, "dataset", "batch size per device")
+    enable_bucket: bool = flag(False, "dataset", "aspect-ratio bucketing")
+    min_bucket_reso: int = flag(256, "dataset", "smallest bucket side")
+    max_bucket_reso: int = flag(1024, "dataset", "largest bucket side")
+    bucket_reso_steps: int = flag(64, "dataset", "bucket side granularity (a multiple of 64 for SD 1.x/2.x)")
+    bucket_no_upscale: bool = flag(False, "dataset", "never upscale images to fill a bucket")
+    caption_extension: str = flag(".caption", "dataset", "caption file extension")
+    caption_extention: str | None = flag(None, "dataset", "legacy misspelling of --caption_extension")
+    shuffle_caption: bool = flag(False, "dataset", "shuffle comma-separated tags")
+    caption_separator: str = flag(",", "dataset", "tag separator for shuffling")
+    keep_tokens: int = flag(0, "dataset", "keep the first N tags in place when shuffling")
+    flip_aug: bool = flag(False, "dataset", "random horizontal flips (cached latents include flipped ones)")
+    random_crop: bool = flag(False, "dataset", "random instead of center crop (disables latent caching)")
+    dataset_repeats: int = flag(1, "dataset", "repeats for datasets that do not set num_repeats")
+    prior_loss_weight: float = flag(1.0, "dataset", "loss weight of regularization images")
+    cache_latents: bool = flag(False, "dataset", "encode images once and keep latents in RAM")
+    cache_latents_to_disk: bool = flag(
+        False, "dataset", "cache latents as .npz next to the images (implies --cache_latents)"
+    )
+    vae_batch_size: int = flag(1, "dataset", "images per VAE batch when caching latents")
+    skip_cache_check: bool = flag(
+        False, "dataset", "trust existing latent cache files without checking their contents"
+    )
+    max_data_loader_n_workers: int = flag(8, "dataset", "DataLoader worker processes (capped at CPU count)")
+    persistent_data_loader_workers: bool = flag(False, "dataset", "keep DataLoader workers between epochs")
+    # --- network
+    network_module: str = flag(
+        "networks.lora", "network", "network module to train (networks.lora, or a third-party module)"
+    )
+    network_dim: int | None = flag(None, "network", "LoRA rank (module default when unset: 4)")
+    network_alpha: float = flag(
+        1.0, "network", "LoRA alpha; the update is scaled by alpha/rank (0 means alpha=rank)"
+    )
+    network_dropout: float | None = flag(None, "network", "dropout on the LoRA rank activation")
+    network_args: list[str] = flag(
+        [],
+        "network",
+        "extra network options as key=value (conv_dim, conv_alpha, loraplus_lr_ratio, ...)",
+        nargs="*",
+    )
+    network_train_unet_only: bool = flag(False, "network", "train only the UNet LoRA")
+    network_train_text_encoder_only: bool = flag(False, "network", "train only the text-encoder LoRA")
+    network_weights: str | None = flag(
+        None, "network", "start from these LoRA weights (keys must match exactly)"
+    )
+    unet_lr: float | None = flag(None, "network", "learning rate of the UNet LoRA (default: --learning_rate)")
+    text_encoder_lr: list[float] = flag(
+        [], "network", "learning rate of the text-encoder LoRA (default: --learning_rate)", nargs="*"
+    )
+    # --- training
+    max_train_steps: int = flag(
+        1600, "training", "optimizer steps to train (overridden by --max_train_epochs)"
+    )
+    max_train_epochs: int | None = flag(None, "training", "epochs to train")
+    gradient_accumulation_steps: int = flag(1, "training", "micro-batches per optimizer step")
+    gradient_checkpointing: bool = flag(False, "training", "recompute activations in backward to save memory")
+    seed: int | None = flag(
+        None, "training", "random seed (random when unset; the chosen seed is printed and saved)"
+    )
+    max_grad_norm: float = flag(1.0, "training", "gradient clipping norm (0 disables)")
+    clip_skip: int | None = flag(
+        None, "training", "use the output of the N-th last text-encoder layer (2 = penultimate)"
+    )
+    max_token_length: int | None = flag(
+        None, "training", "caption tokens: 75 (default), 150 or 225", choices=[None, 75, 150, 225]
+    )
+    min_timestep: int | None = flag(None, "training", "lowest sampled timestep (default 0)")
+    max_timestep: int | None = flag(None, "training", "highest sampled timestep, exclusive (default 1000)")
+    # --- optimizer
+    optimizer_type: str = flag(
+        "AdamW", "optimizer", "AdamW, AdamW8bit, or any dotted class path (torch.optim.SGD)"
+    )
+    optimizer_args: list[str] = flag(
+        [], "optimizer", "optimizer options as key=value (weight_decay=0.01 ...)", nargs="*"
+    )
+    learning_rate: float = flag(2e-6, "optimizer", "base learning rate")
+    lr_scheduler: str = flag("constant", "optimizer", "constant, constant_with_warmup, linear or cosine")
+    lr_warmup_steps: float = flag(
+        0, "optimizer", "warmup steps (a value below 1 is a fraction of the training steps)"
+    )
+    # --- precision / memory
+    mixed_precision: str = flag("no", "precision", "autocast precision", choices=["no", "fp16", "bf16"])
+    no_half_vae: bool = flag(False, "precision", "keep the VAE in float32")
+    xformers: bool = flag(False, "precision", "xformers attention (optional package)")
+    sdpa: bool = flag(False, "precision", "PyTorch scaled-dot-product attention (the default anyway)")
+    lowram: bool = flag(False, "precision", "accepted for kohya compatibility; loading is already low-RAM")
+    highvram: bool = flag(False, "precision", "skip freeing cached memory between caching batches")
+    # --- saving / resume
+    output_dir: str | None = flag(None, "saving", "where LoRA files and states are written (required)")
+    output_name: str | None = flag(None, "saving", "base file name (default: last)")
+    save_model_as: str = flag("safetensors", "saving", "file format", choices=["safetensors", "ckpt", "pt"])
+    save_precision: str | None = flag(
+        None, "saving", "dtype of saved weights", choices=[None, "float", "fp16", "bf16"]
+    )
+    save_every_n_epochs: int | None = flag(None, "saving", "also save every N epochs")
+    save_every_n_steps: int | None = flag(None, "saving", "also save every N optimizer steps")
+    save_state: bool = flag(False, "saving", "save a resumable training state alongside each saved LoRA")
+    save_state_on_train_end: bool = flag(False, "saving", "save a resumable state at the end only")
+    resume: str | None = flag(
+        None, "saving", "resume from a saved state folder (continues step, epoch and data position)"
+    )
+    overwrite: bool = flag(False, "saving", "allow replacing LoRA files that already exist in --output_dir")
+    no_metadata: bool = flag(False, "saving", "write only the minimal ss_* metadata")
+    training_comment: str | None = flag(None, "saving", "comment stored in the metadata")
+    metadata_title: str | None = flag(None, "saving", "modelspec title")
+    metadata_author: str | None = flag(None, "saving", "modelspec author")
+    metadata_description: str | None = flag(None, "saving", "modelspec description")
+    metadata_license: str | None = flag(None, "saving", "modelspec license")
+    metadata_tags: str | None = flag(None, "saving", "modelspec tags (comma separated)")
+    # --- logging
+    logging_dir: str | None = flag(None, "logging", "write TensorBoard logs under this folder")
+    log_prefix: str | None = flag(None, "logging", "prefix of the TensorBoard run folder name")
+    log_with: str | None = flag(
+        None, "logging", "tensorboard (default when --logging_dir is set)", choices=[None, "tensorboard"]
+    )
+    # --- config files
+    config_file: str | None = flag(None, "config", "TOML or YAML file with any of these options (CLI wins)")
+    output_config: str | None = flag(None, "config", "write the resolved options to this TOML file and exit")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+# Flags that only steer parsing; never stored in an output config.
+_PARSE_ONLY = {"config_file", "output_config"}
+
+
+def _base_type(name: str) -> tuple[type, bool, bool]:
+    """(scalar type, optional?, list?) of a field."""
+    hint = _HINTS[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], optional, True
+    return hint, optional, False
+
+
+def _convert_scalar(value: Any, kind: type) -> Any:
+    """Coerce one config-file value; raises ValueError with the expected type in words."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError("must be true or false")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ValueError("must be an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError("must be an integer")
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError("must be a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            # YAML reads "1e-4" as a string; accept numeric strings.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError("must be a number")
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError("must be a string")
+
+
+def coerce_value(name: str, value: Any) -> Any:
+    kind, optional, is_list = _base_type(name)
+    if value is None:
+        if optional or is_list:
+            return [] if is_list and not optional else None
+        raise ValueError("cannot be empty")
+    if is_list:
+        items = value if isinstance(value, list) else str(value).split()
+        return [_convert_scalar(v, kind) for v in items]
+    converted = _convert_scalar(value, kind)
+    choices = _FIELDS[name].metadata.get("choices")
+    if choices is not None and converted not in choices:
+        shown = ", ".join(str(c) for c in choices if c is not None)
+        raise ValueError(f"must be one of {shown}, got {converted!r}")
+    return converted
+
+
+def _flatten(table: dict[str, Any]) -> dict[str, Any]:
+    """kohya semantics: section names are free-form and ignored; every leaf key is an option."""
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value))
+        else:
+            flat[key] = value
+    return flat
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read and check a TOML/YAML options file; returns coerced values or raises UserError (all problems)."""
+    if not path.exists() and path.suffix == "":
+        path = path.with_suffix(".toml")  # kohya allows the extension to be omitted
+    if not path.is_file():
+        raise UserError(f"--config_file: {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        else:
+            import toml
+
+            raw = toml.loads(text)
+    except Exception as exc:  # toml/yaml raise several error types; all mean "fix the syntax"
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {first}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a table of options at the top level")
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for key, value in _flatten(raw).items():
+        if key not in _FIELDS or key in _PARSE_ONLY:
+            problems.append(f"{path}: unknown option {key!r}{did_you_mean(key, _FIELDS.keys())}")
+            continue
+        try:
+            values[key] = coerce_value(key, value)
+        except ValueError as exc:
+            problems.append(
+                f"{path}: {key} {exc}, got {value!r}" if "got" not in str(exc) else f"{path}: {key} {exc}"
+            )
+    if problems:
+        raise UserError(*problems)
+    return values
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise UserError(f"command line: {message}")
+
+
+def _cli_type(name: str) -> Any:
+    kind, _, _ = _base_type(name)
+
+    def convert(text: str) -> Any:
+        if text.lower() in ("none", "null") and _base_type(name)[1]:
+            return None
+        return kind(text)
+
+    convert.__name__ = {int: "integer", float: "number"}.get(kind, "string")
+    return convert
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False, usage="%(prog)s [options]")
+    groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
+    for name, f in _FIELDS.items():
+        kind, _, is_list = _base_type(name)
+        kwargs: dict[str, Any] = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
+        if kind is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = _cli_type(name)
+            if is_list:
+                kwargs["nargs"] = f.metadata.get("nargs", "*")
+            choices = f.metadata.get("choices")
+            if choices:
+                kwargs["choices"] = choices
+                kwargs["metavar"] = "{" + ",".join(str(c) for c in choices if c is not None) + "}"
+        groups[f.metadata["group"]].add_argument(f"--{name}", **kwargs)
+    return parser
+
+
+def parse_config(
+    argv: list[str], *, prog: str, description: str, defaults: dict[str, Any] | None = None
+) -> TrainConfig:
+    """CLI (+ config file) -> TrainConfig. `defaults` are a script's own defaults (e.g. SDXL bucket steps)."""
+    parser = build_parser(prog, description)
+    known, unknown = parser.parse_known_args(argv)
+    if unknown:
+        problems = []
+        after_unknown_flag = False
+        for token in unknown:
+            if token.startswith("--"):
+                name = token[2:].split("=", 1)[0]
+                hint = did_you_mean(name, _FIELDS.keys()).replace('"', '"--', 1)
+                problems.append(f"command line: unknown flag --{name}{hint}")
+                after_unknown_flag = "=" not in token
+            elif not after_unknown_flag:  # values of an unknown flag are not worth a second message
+                problems.append(f"command line: unexpected argument {token!r}")
+        raise UserError(*problems)
+    cli = vars(known)
+    values: dict[str, Any] = dict(defaults or {})
+    if cli.get("config_file"):
+        values.update(load_config_file(Path(cli["config_file"])))
+    values.update(cli)
+    return TrainConfig(**values)
+
+
+def non_default_values(config: TrainConfig) -> dict[str, Any]:
+    out = {}
+    for name, f in _FIELDS.items():
+        if name in _PARSE_ONLY:
+            continue
+        value = getattr(config, name)
+        if value != default_of(f):
+            out[name] = value
+    return out
+
+
+def write_output_config(config: TrainConfig, path: Path) -> None:
+    """kohya's --output_config: the resolved non-default options as TOML; never overwrites."""
+    import toml
+
+    if path.exists():
+        raise UserError(f"--output_config: {path} already exists; choose another path or delete it")
+    grouped: dict[str, dict[str, Any]] = {}
+    for name, value in non_default_values(config).items():
+        if value is None:
+            continue
+        grouped.setdefault(_FIELDS[name].metadata["group"], {})[name] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(toml.dumps(grouped), encoding="utf-8")
+
+
+def config_as_json(config: TrainConfig) -> str:
+    return json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)
+
+
+def print_help_and_exit(prog: str, description: str) -> None:
+    build_parser(prog, description).print_help()
+    sys.exit(0)

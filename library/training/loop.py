@@ -1,0 +1,212 @@
+"""The training loop: micro-steps, optimizer steps, progress, saving. One implementation for every family."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.training.metadata import per_save_metadata
+from library.training.progress import LossAverage, Logger, LossReader
+from library.training.run import Run, timestamp
+from library.training.state import Progress, save_state
+from library.training.step import diffusion_loss
+from library.validate import MODEL_EXTENSIONS, output_name
+
+log = logging.getLogger("loratrain")
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (epoch, batch index) for this process's share of one epoch, starting mid-epoch on resume.
+
+    Indices are produced in the main process, so `set_epoch` works with persistent workers too.
+    """
+
+    def __init__(self, num_batches: int, rank: int, world: int) -> None:
+        self.num_batches, self.rank, self.world = num_batches, rank, world
+        self.per_rank = math.ceil(num_batches / world)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        for k in range(self.start, self.per_rank):
+            # Wrap around so every rank runs the same number of steps.
+            yield (self.epoch, (k * self.world + self.rank) % self.num_batches)
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+def make_loader(run: Run) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
+    from library.data.dataset import EpochBatchDataset
+
+    acc = run.accelerator
+    sampler = EpochSampler(run.dataset.num_batches_per_epoch, acc.process_index, acc.num_processes)
+    workers = min(run.config.max_data_loader_n_workers, max(0, (torch.multiprocessing.cpu_count() or 1) - 1))
+    if run.dataset.latents_in_memory():
+        workers = 0  # nothing to decode: workers would only add start-up time
+    loader = torch.utils.data.DataLoader(
+        EpochBatchDataset(run.dataset),
+        batch_size=None,
+        sampler=sampler,
+        num_workers=workers,
+        persistent_workers=run.config.persistent_data_loader_workers and workers > 0,
+        pin_memory=acc.device.type == "cuda",
+    )
+    return loader, sampler
+
+
+def save_path(run: Run, suffix: str) -> Path:
+    return (
+        Path(run.config.output_dir)
+        / f"{output_name(run.config)}{suffix}{MODEL_EXTENSIONS[run.config.save_model_as]}"
+    )
+
+
+def save_lora(run: Run, path: Path, progress: Progress) -> None:
+    from networks.lora_file import save_lora_file
+
+    if not run.accelerator.is_main_process:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = per_save_metadata(
+        run.metadata, steps=progress.global_step, epoch=progress.epoch, no_metadata=run.config.no_metadata
+    )
+    state = run.network.state_dict_for_save(run.save_dtype)
+    save_lora_file(path, state, metadata, model_format=run.config.save_model_as)
+    log.info("saved %s", path)
+
+
+def save_training_state(run: Run, suffix: str, progress: Progress) -> None:
+    if not run.accelerator.is_main_process:
+        return
+    folder = Path(run.config.output_dir) / f"{output_name(run.config)}{suffix}-state"
+    save_state(
+        folder,
+        network_state=run.network.state_dict(),
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        scaler=run.accelerator.scaler,
+        progress=progress,
+        extra={"max_train_steps": run.max_train_steps},
+    )
+    log.info("saved state %s", folder)
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
+    """One coalesced all-reduce instead of one call per LoRA tensor."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def optimizer_step(run: Run) -> None:
+    acc = run.accelerator
+    if acc.num_processes > 1:
+        _all_reduce_grads(run.params, acc.num_processes)
+    if run.config.max_grad_norm:
+        acc.clip_grad_norm_(run.params, run.config.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def _after_step_saves(run: Run, progress: Progress) -> None:
+    every = run.config.save_every_n_steps
+    if every and progress.global_step % every == 0 and progress.global_step < run.max_train_steps:
+        save_lora(run, save_path(run, f"-step{progress.global_step:08d}"), progress)
+        if run.config.save_state:
+            save_training_state(run, f"-step{progress.global_step:08d}", progress)
+
+
+def _after_epoch_saves(run: Run, progress: Progress, epoch: int) -> None:
+    every = run.config.save_every_n_epochs
+    if every and (epoch + 1) % every == 0 and epoch + 1 < run.num_epochs:
+        save_lora(run, save_path(run, f"-{epoch + 1:06d}"), progress)
+        if run.config.save_state:
+            save_training_state(run, f"-{epoch + 1:06d}", progress)
+
+
+def _lr_values(run: Run) -> dict[str, float]:
+    return {
+        f"lr/{name}": group["lr"]
+        for name, group in zip(run.lr_names, run.optimizer.param_groups, strict=False)
+    }
+
+
+def train_loop(run: Run) -> Path:
+    from tqdm import tqdm
+
+    acc, cfg, progress = run.accelerator, run.config, run.progress
+    loader, sampler = make_loader(run)
+    accum = cfg.gradient_accumulation_steps
+    reader, average = LossReader(acc.device), LossAverage(run.batches_per_epoch)
+    logger = Logger(cfg.logging_dir if acc.is_main_process else None, cfg.log_prefix, timestamp())
+    bar = tqdm(
+        total=run.max_train_steps,
+        initial=progress.global_step,
+        desc="steps",
+        smoothing=0.1,
+        disable=not acc.is_main_process,
+    )
+    log.info(
+        "training: %d steps, %d epochs, %d batches per epoch%s",
+        run.max_train_steps,
+        run.num_epochs,
+        run.batches_per_epoch,
+        f", resuming at step {progress.global_step}" if progress.global_step else "",
+    )
+    run.network.train()
+
+    def report(value: float | None, step: int) -> None:
+        if value is None:
+            return
+        avg = average.add(value)
+        bar.set_postfix(avr_loss=f"{avg:.4f}", refresh=False)
+        logger.log({"loss/current": value, "loss/average": avg, **_lr_values(run)}, step)
+
+    while progress.global_step < run.max_train_steps and progress.epoch < run.num_epochs:
+        epoch = progress.epoch
+        sampler.set_epoch(epoch, progress.batch_in_epoch)
+        pending, step_loss = 0, None
+        for batch in loader:
+            loss = diffusion_loss(run.family, run.bundle, batch, run.step_options, acc.device, acc.autocast())
+            acc.backward(loss / accum)
+            step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+            progress.batch_in_epoch += 1
+            pending += 1
+            if pending < accum and progress.batch_in_epoch < sampler.per_rank:
+                continue
+            optimizer_step(run)
+            progress.global_step += 1
+            bar.update(1)
+            report(reader.push(step_loss / pending), progress.global_step - 1)
+            pending, step_loss = 0, None
+            _after_step_saves(run, progress)
+            if progress.global_step >= run.max_train_steps:
+                break
+        if progress.batch_in_epoch >= sampler.per_rank:
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
+            _after_epoch_saves(run, progress, epoch)
+    report(reader.pop(), progress.global_step)
+    bar.close()
+    logger.close()
+    final = save_path(run, "")
+    save_lora(run, final, progress)
+    if cfg.save_state or cfg.save_state_on_train_end:
+        save_training_state(run, "", progress)
+    acc.wait_for_everyone()
+    return final

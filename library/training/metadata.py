@@ -1,0 +1,191 @@
+"""kohya `ss_*` and SAI modelspec metadata for saved LoRA files.
+
+This module sits at the top layer with run.py: its whole job is to record the run's options, so it reads
+the config directly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from library.config import TrainConfig
+from library.families.base import ModelInfo
+
+PROJECT_VERSION = "loratrain/0.1.0"
+MINIMAL_KEYS = (
+    "ss_v2",
+    "ss_base_model_version",
+    "ss_network_module",
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_network_args",
+)
+
+
+def _s(value: Any) -> str:
+    return "None" if value is None else str(value)
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def modelspec(
+    config: TrainConfig, info: ModelInfo, resolution: tuple[int, int] | None, started: float
+) -> dict[str, str]:
+    width, height = resolution or (info.default_resolution, info.default_resolution)
+    spec = {
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": info.modelspec_architecture,
+        "modelspec.implementation": info.modelspec_implementation,
+        "modelspec.title": config.metadata_title or config.output_name or f"LoRA@{_iso(started)}",
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.date": _iso(started),
+        "modelspec.prediction_type": "v" if info.v_parameterization else "epsilon",
+        "modelspec.implementation_version": PROJECT_VERSION,
+    }
+    lo = 0 if config.min_timestep is None else config.min_timestep
+    hi = 1000 if config.max_timestep is None else config.max_timestep
+    if (lo, hi) != (0, 1000):
+        spec["modelspec.timestep_range"] = f"{lo},{hi}"
+    if config.clip_skip is not None:
+        spec["modelspec.encoder_layer"] = str(config.clip_skip)
+    for key in ("author", "description", "license", "tags"):
+        value = getattr(config, f"metadata_{key}")
+        if value:
+            spec[f"modelspec.{key}"] = value
+    return spec
+
+
+def training_metadata(
+    config: TrainConfig,
+    info: ModelInfo,
+    *,
+    network_dim: int,
+    network_alpha: float,
+    network_args: dict[str, str],
+    dataset: Any,
+    resolution: tuple[int, int] | None,
+    seed: int,
+    optimizer_desc: str,
+    num_batches_per_epoch: int,
+    num_epochs: int,
+    max_train_steps: int,
+    lr_warmup_steps: int,
+    started: float,
+) -> dict[str, str]:
+    """Everything known at the start of training; `per_save_metadata` adds step/epoch at each save."""
+    md: dict[str, Any] = {
+        "ss_session_id": uuid.uuid4().int & ((1 << 31) - 1),
+        "ss_training_started_at": started,
+        "ss_output_name": config.output_name,
+        "ss_training_comment": config.training_comment,
+        "ss_sd_scripts_commit_hash": PROJECT_VERSION,
+        "ss_seed": seed,
+        "ss_v2": info.v2,
+        "ss_base_model_version": info.base_model_version,
+        "ss_clip_skip": config.clip_skip,
+        "ss_max_token_length": config.max_token_length,
+        "ss_mixed_precision": config.mixed_precision,
+        "ss_full_fp16": False,
+        "ss_fp8_base": False,
+        "ss_fp8_base_unet": False,
+        "ss_lowram": config.lowram,
+        "ss_cache_latents": config.cache_latents or config.cache_latents_to_disk,
+        "ss_network_module": config.network_module,
+        "ss_network_dim": network_dim,
+        "ss_network_alpha": network_alpha,
+        "ss_network_dropout": config.network_dropout,
+        "ss_scale_weight_norms": None,
+        "ss_learning_rate": config.learning_rate,
+        "ss_text_encoder_lr": config.text_encoder_lr[0] if config.text_encoder_lr else None,
+        "ss_unet_lr": config.unet_lr,
+        "ss_optimizer": optimizer_desc,
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_lr_warmup_steps": lr_warmup_steps,
+        "ss_max_train_steps": max_train_steps,
+        "ss_num_epochs": num_epochs,
+        "ss_num_batches_per_epoch": num_batches_per_epoch,
+        "ss_gradient_checkpointing": config.gradient_checkpointing,
+        "ss_gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "ss_max_grad_norm": config.max_grad_norm,
+        "ss_num_train_images": dataset.num_train_images,
+        "ss_num_validation_images": 0,
+        "ss_num_reg_images": dataset.num_reg_images,
+        "ss_caption_dropout_rate": 0.0,
+        "ss_caption_dropout_every_n_epochs": 0,
+        "ss_caption_tag_dropout_rate": 0.0,
+        "ss_face_crop_aug_range": None,
+        "ss_prior_loss_weight": config.prior_loss_weight,
+        "ss_resize_interpolation": None,
+        "ss_noise_offset": None,
+        "ss_noise_offset_random_strength": False,
+        "ss_adaptive_noise_scale": None,
+        "ss_multires_noise_iterations": None,
+        "ss_multires_noise_discount": None,
+        "ss_ip_noise_gamma": None,
+        "ss_ip_noise_gamma_random_strength": False,
+        "ss_zero_terminal_snr": False,
+        "ss_min_snr_gamma": None,
+        "ss_debiased_estimation": False,
+        "ss_loss_type": "l2",
+        "ss_huber_schedule": "snr",
+        "ss_huber_scale": 1.0,
+        "ss_huber_c": 0.1,
+        "ss_validation_seed": None,
+        "ss_validation_split": 0.0,
+        "ss_max_validation_steps": None,
+        "ss_validate_every_n_epochs": None,
+        "ss_validate_every_n_steps": None,
+        "ss_sd_model_name": Path(config.pretrained_model_name_or_path or "").name,
+        "ss_vae_name": Path(config.vae).name if config.vae else None,
+    }
+    if network_args:
+        md["ss_network_args"] = json.dumps(network_args)
+    if config.dataset_config:
+        md["ss_datasets"] = json.dumps(dataset.dataset_metadata())
+    else:
+        md.update(
+            ss_batch_size_per_device=config.train_batch_size,
+            ss_resolution=str(resolution),
+            ss_enable_bucket=config.enable_bucket,
+            ss_min_bucket_reso=config.min_bucket_reso,
+            ss_max_bucket_reso=config.max_bucket_reso,
+            ss_bucket_no_upscale=config.bucket_no_upscale,
+            ss_keep_tokens=config.keep_tokens,
+            ss_shuffle_caption=config.shuffle_caption,
+            ss_flip_aug=config.flip_aug,
+            ss_color_aug=False,
+            ss_random_crop=config.random_crop,
+            ss_bucket_info=json.dumps(dataset.bucket_info()),
+            ss_dataset_dirs=json.dumps(_dataset_dirs(dataset)),
+        )
+    md["ss_tag_frequency"] = json.dumps(dataset.tag_frequency())
+    out = {k: _s(v) for k, v in md.items()}
+    out.update(modelspec(config, info, resolution, started))
+    if config.no_metadata:
+        out = {k: v for k, v in out.items() if k in MINIMAL_KEYS or k.startswith("modelspec.")}
+    return out
+
+
+def _dataset_dirs(dataset: Any) -> dict[str, dict[str, int]]:
+    dirs: dict[str, dict[str, int]] = {}
+    for ds in dataset.dataset_metadata():
+        for subset in ds.get("subsets", []):
+            dirs[str(subset.get("image_dir"))] = {
+                "n_repeats": subset.get("num_repeats"),
+                "img_count": subset.get("img_count"),
+            }
+    return dirs
+
+
+def per_save_metadata(base: dict[str, str], *, steps: int, epoch: int, no_metadata: bool) -> dict[str, str]:
+    md = dict(base)
+    if not no_metadata:
+        md.update(ss_training_finished_at=str(time.time()), ss_steps=str(steps), ss_epoch=str(epoch))
+    return md

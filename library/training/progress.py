@@ -1,0 +1,80 @@
+"""Loss bookkeeping without stalling the GPU, a tqdm bar, and TensorBoard scalars."""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+
+import torch
+
+
+class LossReader:
+    """Reads a device scalar one optimizer step late, so the host never waits for the GPU.
+
+    On CUDA the loss is copied into pinned memory with `non_blocking=True` and an event marks completion;
+    the value is read at the next call, by which time that copy has long finished. On CPU this is a plain read.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._pending: tuple[torch.Tensor, object] | None = None
+        if self.cuda:
+            self._buffers = [torch.zeros((), pin_memory=True) for _ in range(2)]
+            self._flip = 0
+
+    def push(self, value: torch.Tensor) -> float | None:
+        """Queue `value`; return the previously queued value (None on the first call)."""
+        previous = self.pop()
+        if self.cuda:
+            buf = self._buffers[self._flip]
+            self._flip ^= 1
+            buf.copy_(value.detach(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (buf, event)
+        else:
+            self._pending = (value.detach(), None)
+        return previous
+
+    def pop(self) -> float | None:
+        if self._pending is None:
+            return None
+        value, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        return float(value)
+
+
+class LossAverage:
+    """kohya's moving average: the mean of the most recent `window` step losses."""
+
+    def __init__(self, window: int) -> None:
+        self.values: deque[float] = deque(maxlen=max(1, window))
+
+    def add(self, value: float) -> float:
+        self.values.append(value)
+        return sum(self.values) / len(self.values)
+
+
+class Logger:
+    """TensorBoard scalars when a logging dir is set; otherwise a no-op."""
+
+    def __init__(self, logging_dir: str | None, prefix: str | None, started: str) -> None:
+        self.writer = None
+        if logging_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            run_dir = Path(logging_dir) / f"{prefix or ''}{started}"
+            self.writer = SummaryWriter(log_dir=str(run_dir))
+            self.run_dir = run_dir
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()

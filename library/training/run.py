@@ -1,0 +1,225 @@
+"""Orchestration of a LoRA training run: validate, plan data, load, cache, build network, train, save.
+
+This is the top of the library: it reads the TrainConfig and hands plain values to everything below.
+Order matters for the user: every check that needs no weights runs before any weights load.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.config import TrainConfig, write_output_config
+from library.errors import UserError
+from library.families.base import ModelBundle, ModelFamily
+from library.training.state import Progress
+from library.validate import parse_key_values, parse_resolution, validate_or_raise
+
+log = logging.getLogger("loratrain")
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `prepare`."""
+
+    config: TrainConfig
+    family: ModelFamily
+    bundle: ModelBundle
+    dataset: Any
+    accelerator: Any
+    network: Any
+    optimizer: Any
+    scheduler: Any
+    lr_names: list[str]
+    params: list[torch.nn.Parameter]
+    step_options: Any
+    max_train_steps: int
+    num_epochs: int
+    batches_per_epoch: int  # per process
+    metadata: dict[str, str]
+    save_dtype: torch.dtype | None
+    progress: Progress = field(default_factory=Progress)
+
+
+def dataset_defaults(config: TrainConfig) -> Any:
+    from library.data.dataset_config import DatasetDefaults
+
+    return DatasetDefaults(
+        resolution=parse_resolution(config.resolution),
+        train_batch_size=config.train_batch_size,
+        enable_bucket=config.enable_bucket,
+        min_bucket_reso=config.min_bucket_reso,
+        max_bucket_reso=config.max_bucket_reso,
+        bucket_reso_steps=config.bucket_reso_steps,
+        bucket_no_upscale=config.bucket_no_upscale,
+        caption_extension=config.caption_extention or config.caption_extension,
+        shuffle_caption=config.shuffle_caption,
+        caption_separator=config.caption_separator,
+        keep_tokens=config.keep_tokens,
+        flip_aug=config.flip_aug,
+        random_crop=config.random_crop,
+        dataset_repeats=config.dataset_repeats,
+        prior_loss_weight=config.prior_loss_weight,
+    )
+
+
+def build_dataset(config: TrainConfig, family: ModelFamily, seed: int) -> Any:
+    """Read the dataset definition and scan images (headers only); raises UserError with every problem."""
+    from library.data.dataset import build_dataset_group
+    from library.data.dataset_config import blueprint_from_dirs, load_dataset_blueprint
+
+    defaults = dataset_defaults(config)
+    if config.dataset_config:
+        if config.train_data_dir or config.reg_data_dir:
+            log.warning("--dataset_config is set, so --train_data_dir/--reg_data_dir are ignored")
+        specs = load_dataset_blueprint(Path(config.dataset_config), defaults)
+    else:
+        specs = blueprint_from_dirs(
+            Path(config.train_data_dir),
+            Path(config.reg_data_dir) if config.reg_data_dir else None,
+            defaults,
+        )
+    step = family.bucket_reso_steps_multiple
+    bad = [i for i, spec in enumerate(specs) if spec.enable_bucket and spec.bucket_reso_steps % step]
+    if bad:
+        raise UserError(
+            *(
+                f"bucket_reso_steps of dataset {i} is {specs[i].bucket_reso_steps}; this model family needs a "
+                f"multiple of {step} (set bucket_reso_steps = {step})"
+                for i in bad
+            )
+        )
+    return build_dataset_group(
+        specs, seed=seed, prior_loss_weight=config.prior_loss_weight, latent_downscale=family.latent_downscale
+    )
+
+
+def make_accelerator(mixed_precision: str) -> Any:
+    from accelerate import Accelerator
+
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        log.warning("--mixed_precision fp16 needs a CUDA GPU; training in float32 on CPU")
+        mixed_precision = "no"
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+def weight_dtype_for(mixed_precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def cache_latents_if_needed(
+    config: TrainConfig, run_family: ModelFamily, bundle: ModelBundle, dataset: Any, device: torch.device
+) -> bool:
+    if not (config.cache_latents or config.cache_latents_to_disk):
+        return False
+    from library.data.latent_cache import cache_latents
+
+    vae = bundle.vae.to(device)
+    vae_dtype = next(vae.parameters()).dtype
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return run_family.encode_images(bundle, pixels.to(device, vae_dtype)).float().cpu()
+
+    report = cache_latents(
+        dataset,
+        encode,
+        cache_id=f"{run_family.name}:{Path(config.vae or config.pretrained_model_name_or_path).name}",
+        to_disk=config.cache_latents_to_disk,
+        batch_size=config.vae_batch_size,
+        skip_check=config.skip_cache_check,
+    )
+    log.info("latents: %s", report)
+    bundle.vae.to("cpu")  # the VAE is not needed again; free device memory for training
+    if device.type == "cuda" and not config.highvram:
+        torch.cuda.empty_cache()
+    return True
+
+
+def create_network(
+    config: TrainConfig, bundle: ModelBundle, train_unet: bool, train_te: bool
+) -> tuple[Any, dict]:
+    module = importlib.import_module(config.network_module)
+    parse = getattr(module, "parse_network_args", None)
+    if parse is not None:
+        net_kwargs = parse(config.network_args)
+    else:
+        raw, _ = parse_key_values(config.network_args, "--network_args")
+        net_kwargs = {k: str(v) for k, v in raw.items()}
+    text_encoder = bundle.text_encoders[0] if len(bundle.text_encoders) == 1 else bundle.text_encoders
+    network = module.create_network(
+        1.0,
+        config.network_dim,
+        config.network_alpha,
+        bundle.vae,
+        text_encoder,
+        bundle.unet,
+        neuron_dropout=config.network_dropout,
+        **net_kwargs,
+    )
+    network.apply_to(text_encoder, bundle.unet, train_te, train_unet)
+    if config.network_weights:
+        network.load_weights(config.network_weights)
+        log.info("loaded network weights from %s", config.network_weights)
+    return network, net_kwargs
+
+
+def train_steps_and_epochs(config: TrainConfig, batches_per_epoch: int) -> tuple[int, int]:
+    updates_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+    if config.max_train_epochs is not None:
+        max_steps = config.max_train_epochs * updates_per_epoch
+    else:
+        max_steps = config.max_train_steps
+    return max_steps, math.ceil(max_steps / updates_per_epoch)
+
+
+def pick_seed(config: TrainConfig) -> int:
+    seed = config.seed if config.seed is not None else random.SystemRandom().randint(0, 2**31 - 1)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    import numpy as np
+
+    np.random.seed(seed % (2**32))
+    return seed
+
+
+def prepare(config: TrainConfig, family: ModelFamily) -> Run:
+    from library.training.setup import build_run
+
+    return build_run(config, family)
+
+
+def train(config: TrainConfig, family_name: str = "sd") -> Path | None:
+    """Run training; returns the final LoRA path (None when only --output_config was written)."""
+    validate_or_raise(config)
+    if config.output_config:
+        write_output_config(config, Path(config.output_config))
+        print(f"wrote resolved options to {config.output_config}")
+        return None
+    from library.families import get_family
+
+    family = get_family(family_name)
+    run = prepare(config, family)
+    from library.training.loop import train_loop
+
+    return train_loop(run)
+
+
+def configure_logging() -> None:
+    level = os.environ.get("LORATRAIN_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    for noisy in ("diffusers", "transformers", "accelerate", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def timestamp() -> str:
+    return time.strftime("%Y%m%d%H%M%S")

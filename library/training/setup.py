@@ -1,0 +1,156 @@
+"""Build a `Run`: dataset plan, model, caches, network, optimizer and schedule, resume."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from library.config import TrainConfig
+from library.errors import UserError
+from library.families.base import ModelFamily
+from library.training import run as R
+from library.training.metadata import training_metadata
+from library.training.optim import create_optimizer, create_scheduler, resolve_warmup
+from library.training.state import Progress, load_state
+from library.training.step import StepOptions
+from library.validate import optimizer_class_path, parse_key_values, parse_resolution
+
+log = logging.getLogger("loratrain")
+
+SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _configure_model(
+    config: TrainConfig, bundle, device: torch.device, weight_dtype: torch.dtype, train_te: bool
+) -> None:
+    bundle.unet.to(device, dtype=weight_dtype)
+    for te in bundle.text_encoders:
+        te.to(device, dtype=weight_dtype)
+    if config.xformers:
+        bundle.unet.enable_xformers_memory_efficient_attention()
+    if config.gradient_checkpointing:
+        bundle.unet.enable_gradient_checkpointing()
+        bundle.unet.train()  # diffusers only checkpoints in train mode; the SD UNet has no dropout
+        if train_te:
+            for te in bundle.text_encoders:
+                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                te.train()
+
+
+def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
+    started = time.time()
+    seed = R.pick_seed(config)
+    log.info("seed: %d", seed)
+
+    # Everything that can fail without weights fails here.
+    dataset = R.build_dataset(config, family, seed)
+    print(dataset.plan_text(), flush=True)
+    info = family.inspect(
+        Path(config.pretrained_model_name_or_path), v2=config.v2, v_parameterization=config.v_parameterization
+    )
+    accelerator = R.make_accelerator(config.mixed_precision)
+    device = accelerator.device
+    weight_dtype = R.weight_dtype_for(accelerator.mixed_precision)
+
+    bundle = family.load(
+        info,
+        vae_path=Path(config.vae) if config.vae else None,
+        tokenizer_path=Path(config.tokenizer_path) if config.tokenizer_path else None,
+        dtype=weight_dtype,
+    )
+    vae_dtype = torch.float32 if config.no_half_vae or weight_dtype == torch.float32 else weight_dtype
+    bundle.vae.to(dtype=vae_dtype)
+    cached = R.cache_latents_if_needed(config, family, bundle, dataset, device)
+    if not cached:
+        bundle.vae.to(device)
+
+    train_unet = not config.network_train_text_encoder_only
+    train_te = not config.network_train_unet_only
+    network, net_kwargs = R.create_network(config, bundle, train_unet, train_te)
+    network.to(device)
+    _configure_model(config, bundle, device, weight_dtype, train_te)
+
+    te_lr = config.text_encoder_lr[0] if config.text_encoder_lr else None
+    groups, lr_names = network.prepare_optimizer_params(te_lr, config.unet_lr, config.learning_rate)
+    params = [p for g in groups for p in g["params"]]
+    if not params:
+        raise UserError(
+            "no parameters to train: every learning rate is 0 (check --unet_lr/--text_encoder_lr)"
+        )
+    opt_args, _ = parse_key_values(config.optimizer_args, "--optimizer_args")
+    optimizer = create_optimizer(config.optimizer_type, groups, config.learning_rate, opt_args, device)
+
+    batches_per_epoch = -(-dataset.num_batches_per_epoch // accelerator.num_processes)
+    max_steps, num_epochs = R.train_steps_and_epochs(config, batches_per_epoch)
+    warmup = resolve_warmup(config.lr_warmup_steps, max_steps)
+    scheduler = create_scheduler(config.lr_scheduler, optimizer, warmup_steps=warmup, total_steps=max_steps)
+    optimizer = accelerator.prepare(optimizer)
+
+    progress = Progress(seed=seed)
+    if config.resume:
+        progress = load_state(
+            Path(config.resume),
+            network=network,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=accelerator.scaler,
+        )
+        log.info(
+            "resumed from %s at step %d (epoch %d, batch %d)",
+            config.resume,
+            progress.global_step,
+            progress.epoch + 1,
+            progress.batch_in_epoch,
+        )
+
+    lo = 0 if config.min_timestep is None else config.min_timestep
+    hi = 1000 if config.max_timestep is None else config.max_timestep
+    options = StepOptions(
+        min_timestep=lo,
+        max_timestep=hi,
+        clip_skip=config.clip_skip,
+        max_token_length=None if config.max_token_length in (None, 75) else config.max_token_length,
+        train_text_encoder=train_te,
+        weight_dtype=weight_dtype,
+    )
+    desc = optimizer_class_path(config.optimizer_type)
+    if opt_args:
+        desc += "(" + ",".join(f"{k}={v}" for k, v in opt_args.items()) + ")"
+    metadata = training_metadata(
+        config,
+        info,
+        network_dim=config.network_dim or 4,
+        network_alpha=config.network_alpha,
+        network_args=net_kwargs,
+        dataset=dataset,
+        resolution=parse_resolution(config.resolution),
+        seed=seed,
+        optimizer_desc=desc,
+        num_batches_per_epoch=batches_per_epoch,
+        num_epochs=num_epochs,
+        max_train_steps=max_steps,
+        lr_warmup_steps=warmup,
+        started=started,
+    )
+    return R.Run(
+        config=config,
+        family=family,
+        bundle=bundle,
+        dataset=dataset,
+        accelerator=accelerator,
+        network=network,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        lr_names=lr_names,
+        params=params,
+        step_options=options,
+        max_train_steps=max_steps,
+        num_epochs=num_epochs,
+        batches_per_epoch=batches_per_epoch,
+        metadata=metadata,
+        save_dtype=SAVE_DTYPES[config.save_precision],
+        progress=progress,
+    )

@@ -1,0 +1,107 @@
+"""Resumable training state: network weights, optimizer, scheduler, RNG and the exact data position."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_FILE = "train_state.json"
+
+
+@dataclass
+class Progress:
+    """Where training stands. `batch_in_epoch` counts micro-batches already consumed in `epoch` (0-based)."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    seed: int = 0
+
+
+def _rng_state() -> dict[str, Any]:
+    # Plain lists and tensors only, so the file loads with weights_only=True.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(
+    folder: Path,
+    *,
+    network_state: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    progress: Progress,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write into `<folder>.tmp`, then swap into place, so an interrupted save never leaves half a state."""
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in network_state.items()}, str(tmp / "network.safetensors")
+    )
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    if scaler is not None:
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    (tmp / STATE_FILE).write_text(json.dumps({**asdict(progress), **(extra or {})}, indent=2))
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(folder)
+    return folder
+
+
+def read_progress(folder: Path) -> tuple[Progress, dict[str, Any]]:
+    data = json.loads((folder / STATE_FILE).read_text())
+    fields = {k: data.pop(k) for k in ("global_step", "epoch", "batch_in_epoch", "seed")}
+    return Progress(**fields), data
+
+
+def load_state(
+    folder: Path, *, network: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any
+) -> Progress:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(folder / "network.safetensors"))
+    network.load_state_dict(weights, strict=True)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    if scaler is not None and (folder / "scaler.pt").exists():
+        scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+    _restore_rng(torch.load(folder / "rng.pt", weights_only=True))
+    return read_progress(folder)[0]

@@ -1,0 +1,135 @@
+"""`--network_args key=value` for `networks.lora`: the accepted names, their types and their validation.
+
+Kept free of torch and model imports so the trainer can validate the command line before loading weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from library.errors import UserError, did_you_mean
+
+NETWORK_ARGS: dict[str, str] = {
+    "conv_dim": "int: LoCon rank for 3x3 convs in ResnetBlock2D/Downsample2D/Upsample2D (unset = no conv LoRA)",
+    "conv_alpha": "float: alpha of the 3x3 conv modules (default 1.0)",
+    "dropout": "float: dropout on the rank activation; alias of --network_dropout (LyCORIS spelling)",
+    "rank_dropout": "float: per-sample probability of dropping each rank channel (train mode)",
+    "module_dropout": "float: probability of skipping a whole LoRA module for a step (train mode)",
+    "loraplus_lr_ratio": "float: LoRA+ ratio, lora_up lr = lr x ratio (UNet and text encoders)",
+    "loraplus_unet_lr_ratio": "float: LoRA+ ratio for the UNet only (overrides loraplus_lr_ratio)",
+    "loraplus_text_encoder_lr_ratio": "float: LoRA+ ratio for the text encoders only (overrides loraplus_lr_ratio)",
+}
+
+# kohya lora.py options this suite does not implement yet: say so instead of suggesting a near name.
+UNSUPPORTED_KOHYA_ARGS: frozenset[str] = frozenset(
+    {
+        "block_dims",
+        "block_alphas",
+        "conv_block_dims",
+        "conv_block_alphas",
+        "down_lr_weight",
+        "mid_lr_weight",
+        "up_lr_weight",
+        "block_lr_zero_threshold",
+    }
+)
+
+
+@dataclass(frozen=True)
+class LoRAOptions:
+    conv_dim: int | None = None
+    conv_alpha: float | None = None
+    dropout: float | None = None
+    rank_dropout: float | None = None
+    module_dropout: float | None = None
+    loraplus_lr_ratio: float | None = None
+    loraplus_unet_lr_ratio: float | None = None
+    loraplus_text_encoder_lr_ratio: float | None = None
+
+
+def _to_int(value: object) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError
+    return int(str(value).strip()) if isinstance(value, str) else int(value)  # type: ignore[call-overload]
+
+
+def _to_float(value: object) -> float:
+    if isinstance(value, bool):
+        raise ValueError
+    return float(str(value).strip()) if isinstance(value, str) else float(value)  # type: ignore[arg-type]
+
+
+# name -> (converter, check on the converted value, what the check demands)
+_RULES: dict[str, tuple[Callable[[object], float | int], Callable[[float], bool], str]] = {
+    "conv_dim": (_to_int, lambda v: v >= 0, "an integer >= 0"),
+    "conv_alpha": (_to_float, lambda v: v >= 0, "a number >= 0"),
+    "dropout": (_to_float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "rank_dropout": (_to_float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "module_dropout": (_to_float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "loraplus_lr_ratio": (_to_float, lambda v: v > 0, "a number > 0"),
+    "loraplus_unet_lr_ratio": (_to_float, lambda v: v > 0, "a number > 0"),
+    "loraplus_text_encoder_lr_ratio": (_to_float, lambda v: v > 0, "a number > 0"),
+}
+
+
+def _name_problem(name: str) -> str:
+    if name in UNSUPPORTED_KOHYA_ARGS:
+        return (
+            f"--network_args {name}: a kohya lora.py option this suite does not support yet; remove it "
+            f"(accepted: {', '.join(NETWORK_ARGS)})"
+        )
+    return (
+        f"--network_args {name}: unknown for networks.lora{did_you_mean(name, set(NETWORK_ARGS))}; "
+        f"accepted: {', '.join(NETWORK_ARGS)}"
+    )
+
+
+def options_with_problems(kwargs: Mapping[str, object]) -> tuple[LoRAOptions, list[str]]:
+    """Convert network_args (strings, or values a trainer injected) to options; never raises."""
+    values: dict[str, float | int | None] = {}
+    problems: list[str] = []
+    for name, raw in kwargs.items():
+        if name not in _RULES:
+            problems.append(_name_problem(name))
+            continue
+        if raw is None:  # a trainer may inject dropout=None when --network_dropout is unset
+            continue
+        convert, check, demand = _RULES[name]
+        try:
+            value = convert(raw)
+        except (TypeError, ValueError):
+            problems.append(f"--network_args {name}={raw}: must be {demand}")
+            continue
+        if not check(value):
+            problems.append(f"--network_args {name}={raw}: must be {demand}")
+            continue
+        values[name] = value
+    return LoRAOptions(**values), problems  # type: ignore[arg-type]
+
+
+def lora_options(kwargs: Mapping[str, object]) -> LoRAOptions:
+    options, problems = options_with_problems(kwargs)
+    if problems:
+        raise UserError(*problems)
+    return options
+
+
+def parse_network_args(args: Iterable[str] | None) -> dict[str, str]:
+    """Validate `--network_args` ("key=value" strings) without touching any model; UserError lists all problems."""
+    parsed: dict[str, str] = {}
+    problems: list[str] = []
+    for item in args or []:
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            problems.append(f"--network_args {item!r}: expected key=value, e.g. conv_dim=4")
+            continue
+        if key in parsed:
+            problems.append(f"--network_args {key}: given twice ({parsed[key]!r} and {value!r}); keep one")
+            continue
+        parsed[key] = value
+        problems += options_with_problems({key: value})[1]  # report in command-line order
+    if problems:
+        raise UserError(*problems)
+    return parsed

@@ -1,0 +1,166 @@
+"""Which modules a LoRA wraps and what kohya calls them: per-family target tables as data.
+
+A kohya module name is `<prefix>.<module path inside the component>` with every "." replaced by "_"
+(e.g. `lora_unet_down_blocks_0_attentions_0_proj_in`). A family is a `TargetTable`: one `TargetRow` per
+component (UNet, each text encoder). Adding a family means adding rows and, where the training model's
+module paths differ from the names the file format uses (SDXL: diffusers -> SGM block names), a
+`rename` function on the row. Nothing here branches on a family name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from library.errors import UserError
+
+Component = Literal["unet", "text_encoder"]
+# "linear" and "conv1x1" always get the base rank; "conv" (kernel > 1x1) only exists with LoCon.
+TargetKind = Literal["linear", "conv1x1", "conv"]
+# (component root, dotted module path inside it) -> dotted path as the LoRA file format spells it.
+Rename = Callable[[nn.Module, str], str]
+
+
+def keep_path(root: nn.Module, path: str) -> str:
+    return path
+
+
+def clip_text_path(root: nn.Module, path: str) -> str:
+    """kohya names CLIP text-encoder modules `text_model.encoder...` (transformers 4 layout).
+
+    transformers 5 flattened `CLIPTextModel` (no `text_model` child), so its paths start at `encoder.`;
+    prepend the old level so keys stay identical to files trained with kohya. `CLIPTextModelWithProjection`
+    still has the `text_model` child and passes through unchanged.
+    """
+    return path if hasattr(root, "text_model") else f"text_model.{path}"
+
+
+@dataclass(frozen=True)
+class TargetRow:
+    prefix: str  # e.g. "lora_unet", "lora_te", later "lora_te1"/"lora_te2"
+    component: Component
+    te_index: int  # which text encoder (ignored for the UNet)
+    classes: tuple[str, ...]  # their Linear / 1x1 Conv2d descendants are targets
+    conv_classes: tuple[str, ...] = ()  # added with LoCon (conv_dim): 3x3 convs + their Linear/1x1 children
+    rename: Rename = keep_path
+
+
+@dataclass(frozen=True)
+class TargetTable:
+    name: str
+    unet_classes: tuple[str, ...]  # class names of the denoiser this table applies to
+    num_text_encoders: int
+    rows: tuple[TargetRow, ...]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # kohya module name, e.g. "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    module: nn.Module  # the frozen Linear / Conv2d
+    component: Component
+    te_index: int
+    kind: TargetKind
+
+
+_CLIP_TE_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
+
+SD_TABLE = TargetTable(
+    name="sd",
+    unet_classes=("UNet2DConditionModel",),
+    num_text_encoders=1,
+    rows=(
+        TargetRow(
+            prefix="lora_unet",
+            component="unet",
+            te_index=0,
+            classes=("Transformer2DModel",),
+            conv_classes=("ResnetBlock2D", "Downsample2D", "Upsample2D"),
+        ),
+        TargetRow(
+            prefix="lora_te",
+            component="text_encoder",
+            te_index=0,
+            classes=_CLIP_TE_CLASSES,
+            rename=clip_text_path,
+        ),
+    ),
+)
+
+# Order matters only when two tables accept the same denoiser class; the text-encoder count decides then.
+TABLES: tuple[TargetTable, ...] = (SD_TABLE,)
+
+
+def select_table(unet: nn.Module | None, text_encoders: Sequence[nn.Module]) -> TargetTable:
+    """The table for these models: by denoiser class, then by number of text encoders (0 = TE not given)."""
+    unet_class = type(unet).__name__ if unet is not None else None
+    for table in TABLES:
+        class_ok = unet_class is None or unet_class in table.unet_classes
+        count_ok = len(text_encoders) in (0, table.num_text_encoders)
+        if class_ok and count_ok:
+            return table
+    known = ", ".join(
+        f"{t.name} ({'/'.join(t.unet_classes)} + {t.num_text_encoders} text encoder(s))" for t in TABLES
+    )
+    raise UserError(
+        f"--network_module networks.lora: no LoRA target table for a {unet_class} with "
+        f"{len(text_encoders)} text encoder(s); supported: {known}"
+    )
+
+
+def kohya_name(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}".replace(".", "_")
+
+
+def _kind(module: nn.Module) -> TargetKind | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv1x1" if tuple(module.kernel_size) == (1, 1) else "conv"
+    return None
+
+
+def find_targets(
+    table: TargetTable,
+    unet: nn.Module | None,
+    text_encoders: Sequence[nn.Module],
+    *,
+    include_conv_classes: bool,
+) -> list[Target]:
+    """Every candidate module of the table, in model order (text encoders first, as kohya lists them).
+
+    `include_conv_classes` adds the LoCon container classes; their 3x3 convs come back with kind "conv" and
+    the caller decides whether they get a module (conv_dim set, or named in a weights file).
+    """
+    targets: list[Target] = []
+    seen: dict[str, Target] = {}
+    te_rows = [r for r in table.rows if r.component == "text_encoder"]
+    unet_rows = [r for r in table.rows if r.component == "unet"]
+    for row in te_rows + unet_rows:
+        if row.component == "unet":
+            root = unet
+        else:
+            root = text_encoders[row.te_index] if row.te_index < len(text_encoders) else None
+        if root is None:
+            continue
+        classes = set(row.classes) | (set(row.conv_classes) if include_conv_classes else set())
+        for parent_path, parent in root.named_modules():
+            if type(parent).__name__ not in classes:
+                continue
+            for child_path, child in parent.named_modules():
+                kind = _kind(child)
+                if kind is None:
+                    continue
+                path = ".".join(p for p in (parent_path, child_path) if p)
+                name = kohya_name(row.prefix, row.rename(root, path))
+                if name in seen:
+                    # Nested target classes reach the same child twice; one module is enough.
+                    if seen[name].module is not child:
+                        raise ValueError(f"two different modules map to the LoRA name {name}")
+                    continue
+                target = Target(name, child, row.component, row.te_index, kind)
+                seen[name] = target
+                targets.append(target)
+    return targets

@@ -1,0 +1,39 @@
+"""Model families behind the `ModelFamily` protocol, looked up by name (`get_family("sd")`).
+
+Entry scripts pick the name (train_network.py -> "sd"); shared code never branches on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from library.errors import UserError, did_you_mean
+from library.families.base import ModelBundle, ModelFamily, ModelInfo
+
+
+def _sd() -> ModelFamily:
+    from library.families.sd import StableDiffusionFamily
+
+    return StableDiffusionFamily()
+
+
+# Factories import lazily, so `import library.families` stays cheap (no diffusers/transformers import).
+_FAMILIES: dict[str, Callable[[], ModelFamily]] = {"sd": _sd}
+
+
+def family_names() -> list[str]:
+    return sorted(_FAMILIES)
+
+
+def get_family(name: str) -> ModelFamily:
+    """The family registered as `name`; UserError naming the known ones otherwise."""
+    try:
+        return _FAMILIES[name]()
+    except KeyError:
+        known = ", ".join(family_names())
+        raise UserError(
+            f"unknown model family {name!r}{did_you_mean(name, set(_FAMILIES))}; known: {known}"
+        ) from None
+
+
+__all__ = ["ModelBundle", "ModelFamily", "ModelInfo", "family_names", "get_family"]

@@ -41,6 +41,9 @@ class ModelBundle:
     noise_scheduler: Any
     vae_scale: float = 0.18215
     vae_shift: float = 0.0
+    # Family-private scratch (e.g. noise-schedule tables already on the training device), so that
+    # families stay stateless and per-step work does no re-uploads. Not part of the model.
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 class ModelFamily(Protocol):
@@ -61,8 +64,13 @@ class ModelFamily(Protocol):
         vae_path: Path | None,
         tokenizer_path: Path | None,
         dtype: torch.dtype,
+        tokenizer_cache_dir: Path | None = None,
     ) -> ModelBundle:
-        """Load every component on CPU in `dtype` (VAE may stay fp32)."""
+        """Load every component on CPU in `dtype` (VAE may stay fp32).
+
+        Tokenizers come from `tokenizer_path`, the model folder, kohya's `--tokenizer_cache_dir` layout
+        (`<dir>/<hub id with / -> _>`), or the hub when online, in that order.
+        """
 
     def encode_images(self, bundle: ModelBundle, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1], [B,3,H,W] -> unscaled latents (a posterior sample), as kohya caches them."""

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 # Real checkpoints do not record head counts, so loaders derive them: text encoders and SD2 UNets use
 # 64-dim heads, SD1 UNets 8 heads. The tiny models obey the same rules.
 TEXT_HIDDEN = {"sd1": 64, "sd2": 128}
+PAD_TOKEN = {"sd1": "<|endoftext|>", "sd2": "!"}  # as in the real SD1 / SD2 tokenizers
 BYTE_VOCAB_SIZE = 256
 
 
@@ -39,8 +40,13 @@ def _bytes_to_unicode() -> dict[int, str]:
 _WORDS = ["a", "photo", "of", "the", "red", "green", "blue", "circle", "square", "sks", "dog", "cat", "shape"]
 
 
-def write_tiny_clip_tokenizer(folder: Path, model_max_length: int = 77) -> None:
-    """Write vocab.json/merges.txt/special tokens for a byte-level CLIP BPE tokenizer with a tiny vocab."""
+def write_tiny_clip_tokenizer(
+    folder: Path, model_max_length: int = 77, pad_token: str = "<|endoftext|>"
+) -> None:
+    """Write vocab.json/merges.txt/special tokens for a byte-level CLIP BPE tokenizer with a tiny vocab.
+
+    `pad_token`: SD1's tokenizer pads with <|endoftext|>, SD2's (stabilityai/stable-diffusion-2) with "!".
+    """
     folder.mkdir(parents=True, exist_ok=True)
     alphabet = list(_bytes_to_unicode().values())
     vocab_tokens = alphabet + [c + "</w>" for c in alphabet]
@@ -65,7 +71,7 @@ def write_tiny_clip_tokenizer(folder: Path, model_max_length: int = 77) -> None:
         "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>",
         "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
+        "pad_token": pad_token,
         "do_lower_case": True,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
@@ -103,7 +109,12 @@ def unet_config(version: str) -> dict[str, Any]:
     if version == "sd1":
         return {**common, "block_out_channels": [32, 64], "attention_head_dim": 8}
     # SD2 counts heads as channels // 64 and projects with Linear layers.
-    return {**common, "block_out_channels": [64, 128], "attention_head_dim": [1, 2], "use_linear_projection": True}
+    return {
+        **common,
+        "block_out_channels": [64, 128],
+        "attention_head_dim": [1, 2],
+        "use_linear_projection": True,
+    }
 
 
 def vae_config() -> dict[str, Any]:
@@ -160,7 +171,7 @@ def build_tiny_sd(version: str = "sd1", seed: int = 0, tokenizer_dir: Path | Non
     if version not in TEXT_HIDDEN:
         raise ValueError(f"version must be one of {sorted(TEXT_HIDDEN)}, got {version!r}")
     tok_dir = tokenizer_dir or Path(tempfile.mkdtemp(prefix="tiny_tokenizer_"))
-    write_tiny_clip_tokenizer(tok_dir)
+    write_tiny_clip_tokenizer(tok_dir, pad_token=PAD_TOKEN[version])
     tokenizer = load_tokenizer(tok_dir)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_config(version))
@@ -192,3 +203,44 @@ def save_diffusers_folder(model: TinySD, folder: Path) -> Path:
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+class TinySingleFile(NamedTuple):
+    """A single-file checkpoint plus the tokenizer folder to pass as --tokenizer_path."""
+
+    checkpoint: Path
+    tokenizer_dir: Path
+
+
+@dataclass
+class TinyModelFiles:
+    diffusers_dir: Path | None
+    single_file: TinySingleFile | None
+
+
+def write_tiny_model(
+    out: Path, version: str = "sd1", fmt: str = "diffusers", seed: int = 0
+) -> TinyModelFiles:
+    """Write a tiny random SD model as a diffusers folder and/or an LDM single file.
+
+    diffusers -> `<out>/`; single_file -> `<out>.safetensors` (or `out` itself when it ends in .safetensors
+    or .ckpt) plus a tokenizer folder: `<out>/tokenizer` when the diffusers folder is written too, else
+    `<out stem>_tokenizer/` next to the file. Both formats hold the same weights.
+    """
+    from library.families.sd_checkpoint import save_single_file
+
+    if fmt not in ("diffusers", "single_file", "both"):
+        raise ValueError(f"fmt must be diffusers, single_file or both, got {fmt!r}")
+    out = Path(out)
+    suffix = out.suffix.lower()
+    base = out.with_suffix("") if suffix in (".safetensors", ".ckpt") else out
+    file_path = out if suffix in (".safetensors", ".ckpt") else out.with_name(out.name + ".safetensors")
+    want_folder = fmt in ("diffusers", "both")
+    tok_dir = base / "tokenizer" if want_folder else base.with_name(base.name + "_tokenizer")
+    model = build_tiny_sd(version, seed=seed, tokenizer_dir=tok_dir)
+    folder = save_diffusers_folder(model, base) if want_folder else None
+    single = None
+    if fmt in ("single_file", "both"):
+        components = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder}
+        single = TinySingleFile(save_single_file(components, file_path, version), tok_dir)
+    return TinyModelFiles(folder, single)

@@ -1,0 +1,184 @@
+"""SD 1.x/2.x text side: where the CLIP tokenizer comes from, and captions -> UNet conditioning.
+
+Tokenizer resolution order (first hit wins):
+1. `tokenizer_path` (our --tokenizer_path): a folder with vocab.json + merges.txt (or one with tokenizer/);
+2. a diffusers model folder's own tokenizer/;
+3. kohya's --tokenizer_cache_dir layout: `<dir>/openai_clip-vit-large-patch14` (SD1) or
+   `<dir>/stabilityai_stable-diffusion-2` (SD2, files directly or under tokenizer/);
+4. the local Hugging Face cache (no network);
+5. the hub, only when HF_HUB_OFFLINE is unset and the hub answers within seconds; the download is then
+   saved to `tokenizer_cache_dir` when given, as kohya does;
+otherwise a UserError saying what to pass.
+
+Prompt encoding follows kohya's strategy_sd: 77-token windows, `clip_skip` = which hidden state from the
+end (None/1 = last) with final_layer_norm applied, and `max_token_length` 150/225 as 75-token chunks each
+wrapped in BOS/EOS, encoded separately and re-joined without the inner BOS/EOS states.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# kohya's tokenizer sources (strategy_sd.py): hub id and subfolder per version.
+HUB_TOKENIZERS = {
+    "sd1": ("openai/clip-vit-large-patch14", None),
+    "sd2": ("stabilityai/stable-diffusion-2", "tokenizer"),
+}
+MAX_TOKEN_LENGTHS = (75, 150, 225)
+
+
+def _is_tokenizer_dir(folder: Path) -> bool:
+    return (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+
+
+def _load(folder: Path) -> Any:
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return env in ("1", "true", "yes", "on") or bool(constants.HF_HUB_OFFLINE)
+
+
+def _from_hub(repo: str, subfolder: str | None, cache_dir: Path | None) -> Any | None:
+    from transformers import CLIPTokenizer
+
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    try:  # already in the Hugging Face cache: no network needed
+        cached = CLIPTokenizer.from_pretrained(repo, local_files_only=True, **kwargs)
+        # transformers 5 returns an empty tokenizer instead of raising when nothing is cached.
+        if len(cached.get_vocab()) >= 256:
+            return cached
+    except Exception:  # any failure just means "not cached"
+        pass
+    if _hub_offline():
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().model_info(repo, timeout=5)  # a quick reachability probe before a real download
+        tokenizer = CLIPTokenizer.from_pretrained(repo, **kwargs)
+    except Exception as e:  # network errors come in many types; all mean "not available"
+        log.info("tokenizer %s not available from the hub: %s", repo, e)
+        return None
+    if cache_dir is not None:
+        tokenizer.save_pretrained(str(cache_dir / repo.replace("/", "_")))
+    return tokenizer
+
+
+def resolve_tokenizer(
+    version: str,
+    *,
+    model_path: Path,
+    layout: str,
+    tokenizer_path: Path | None,
+    tokenizer_cache_dir: Path | None,
+) -> Any:
+    """The CLIP tokenizer for an SD1/SD2 model, from local folders first (order in the module docstring)."""
+    if tokenizer_path is not None:
+        for folder in (tokenizer_path, tokenizer_path / "tokenizer"):
+            if _is_tokenizer_dir(folder):
+                return _load(folder)
+        raise UserError(
+            f"--tokenizer_path: {tokenizer_path} has no vocab.json/merges.txt; pass a CLIP tokenizer folder "
+            "(e.g. the tokenizer/ folder of a diffusers SD model)"
+        )
+    if layout == "diffusers" and _is_tokenizer_dir(model_path / "tokenizer"):
+        return _load(model_path / "tokenizer")
+    repo, subfolder = HUB_TOKENIZERS[version]
+    if tokenizer_cache_dir is not None:
+        local = tokenizer_cache_dir / repo.replace("/", "_")
+        for folder in (local, local / (subfolder or "tokenizer")):
+            if _is_tokenizer_dir(folder):
+                return _load(folder)
+    tokenizer = _from_hub(repo, subfolder, tokenizer_cache_dir)
+    if tokenizer is not None:
+        return tokenizer
+    what = "single-file checkpoint" if layout == "single_file" else "model folder (it has no tokenizer/)"
+    example = "SD1" if version == "sd1" else "SD2"
+    raise UserError(
+        f"no tokenizer for {what} {model_path}: pass --tokenizer_path <folder with vocab.json/merges.txt> "
+        f"(e.g. the tokenizer/ folder of any {example} diffusers model) or --tokenizer_cache_dir "
+        f"<dir containing {repo.replace('/', '_')}>"
+    )
+
+
+def _chunked_ids(tokenizer: Any, captions: list[str], n_chunks: int, window: int) -> torch.Tensor:
+    """[B, n_chunks, window] token ids: kohya's BOS + 75 tokens + last-token windows."""
+    if n_chunks == 1:
+        ids = tokenizer(
+            captions, padding="max_length", max_length=window, truncation=True, return_tensors="pt"
+        )
+        return ids.input_ids.unsqueeze(1)
+    body = window - 2
+    ids = tokenizer(
+        captions, padding="max_length", max_length=body * n_chunks + 2, truncation=True, return_tensors="pt"
+    ).input_ids
+    bos, last = ids[:, :1], ids[:, -1:]
+    chunks = [
+        torch.cat([bos, ids[:, 1 + c * body : 1 + (c + 1) * body], last], dim=1) for c in range(n_chunks)
+    ]
+    out = torch.stack(chunks, dim=1)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if pad != eos:
+        # SD2's tokenizer pads with "!" rather than EOS: every window must still end in EOS after its last real
+        # token, and an empty window starts BOS EOS (kohya's fix-ups).
+        before_last = out[..., -2]
+        needs_eos = (before_last != eos) & (before_last != pad)
+        out[..., -1] = torch.where(needs_eos, torch.full_like(before_last, eos), out[..., -1])
+        out[..., 1] = torch.where(out[..., 1] == pad, torch.full_like(before_last, eos), out[..., 1])
+    return out
+
+
+def _hidden_states(text_encoder: Any, ids: torch.Tensor, clip_skip: int | None) -> torch.Tensor:
+    if clip_skip is None or clip_skip == 1:
+        return text_encoder(ids).last_hidden_state  # includes final_layer_norm
+    out = text_encoder(ids, output_hidden_states=True, return_dict=True)
+    # transformers 5 flattened CLIPTextModel (no `text_model` child); 4.x still has it.
+    final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+    return final_norm(out.hidden_states[-clip_skip])
+
+
+def encode_prompts(
+    text_encoder: Any,
+    tokenizer: Any,
+    captions: list[str],
+    *,
+    clip_skip: int | None,
+    max_token_length: int | None,
+) -> torch.Tensor:
+    """Captions -> [B, 77 or max_token_length+2, hidden], on the text encoder's device."""
+    layers = text_encoder.config.num_hidden_layers
+    if clip_skip is not None and not 1 <= clip_skip <= layers:
+        raise UserError(f"--clip_skip: {clip_skip} is out of range; use 1..{layers} (2 = penultimate layer)")
+    if max_token_length is not None and max_token_length not in MAX_TOKEN_LENGTHS:
+        raise UserError(
+            f"--max_token_length: {max_token_length} is not supported; use 150 or 225, or leave it unset (75)"
+        )
+    window = text_encoder.config.max_position_embeddings  # 77: BOS + 75 tokens + EOS
+    n_chunks = (max_token_length or window - 2) // (window - 2)
+    device = next(text_encoder.parameters()).device
+    ids = _chunked_ids(tokenizer, captions, n_chunks, window).to(device)
+    batch = ids.shape[0]
+    hidden = _hidden_states(text_encoder, ids.view(-1, window), clip_skip)
+    hidden = hidden.view(batch, n_chunks * window, hidden.shape[-1])
+    if n_chunks == 1:
+        return hidden
+    # Keep the first BOS state, each window's 75 inner states, and the very last state (EOS or padding).
+    parts = [hidden[:, :1]]
+    parts += [hidden[:, c * window + 1 : (c + 1) * window - 1] for c in range(n_chunks)]
+    parts.append(hidden[:, -1:])
+    return torch.cat(parts, dim=1)

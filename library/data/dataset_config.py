@@ -1,0 +1,361 @@
+"""Dataset blueprints: kohya's dataset TOML/JSON schema and DreamBooth folders, validated up front.
+
+A blueprint is a list of `DatasetSpec` with every value resolved (subset -> dataset -> general -> CLI value
+-> default, as kohya does) and every path checked, so that dataset building never meets a config problem.
+All problems in a file are reported together in one `UserError`, each naming the file and the key path.
+
+Relative `image_dir` paths resolve against the config file's folder when the folder exists there, else
+against the working directory (kohya only uses the working directory; configs shipped next to their data
+should work from anywhere).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from library.data.bucketing import snap_bucket_range
+from library.data.config_schema import ConfigProblems, check_table, read_config_file
+from library.data.images import list_image_files
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DatasetDefaults:
+    """Values from the CLI / training config (kohya flag names); None = not given."""
+
+    resolution: tuple[int, int] | None = None
+    train_batch_size: int = 1
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    caption_extension: str = ".caption"
+    shuffle_caption: bool = False
+    caption_separator: str = ","
+    keep_tokens: int = 0
+    flip_aug: bool = False
+    random_crop: bool = False
+    dataset_repeats: int = 1
+    prior_loss_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class SubsetSpec:
+    """One image folder with its caption and augmentation settings."""
+
+    image_dir: Path
+    num_repeats: int
+    is_reg: bool
+    class_tokens: str | None
+    caption_extension: str
+    shuffle_caption: bool
+    caption_separator: str
+    keep_tokens: int
+    caption_prefix: str | None
+    caption_suffix: str | None
+    flip_aug: bool
+    random_crop: bool
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset: its own resolution, batch size and buckets (min/max already snapped to the step)."""
+
+    resolution: tuple[int, int]
+    batch_size: int
+    enable_bucket: bool
+    min_bucket_reso: int
+    max_bucket_reso: int
+    bucket_reso_steps: int
+    bucket_no_upscale: bool
+    subsets: tuple[SubsetSpec, ...]
+
+
+# CLI flag (DatasetDefaults field) behind each config key, used for defaults and in messages.
+_FLAG_FOR_KEY = {
+    "resolution": "resolution",
+    "batch_size": "train_batch_size",
+    "enable_bucket": "enable_bucket",
+    "min_bucket_reso": "min_bucket_reso",
+    "max_bucket_reso": "max_bucket_reso",
+    "bucket_reso_steps": "bucket_reso_steps",
+    "bucket_no_upscale": "bucket_no_upscale",
+    "num_repeats": "dataset_repeats",
+    "caption_extension": "caption_extension",
+    "shuffle_caption": "shuffle_caption",
+    "caption_separator": "caption_separator",
+    "keep_tokens": "keep_tokens",
+    "flip_aug": "flip_aug",
+    "random_crop": "random_crop",
+}
+_MIN_FLAG_VALUES = {
+    "train_batch_size": 1,
+    "dataset_repeats": 1,
+    "keep_tokens": 0,
+    "bucket_reso_steps": 1,
+    "min_bucket_reso": 1,
+    "max_bucket_reso": 1,
+}
+
+Table = dict[str, tuple[Any, str]]  # key -> (value, where it was set)
+
+
+def _default_problems(defaults: DatasetDefaults) -> list[str]:
+    problems = []
+    for flag, minimum in _MIN_FLAG_VALUES.items():
+        value = getattr(defaults, flag)
+        if value < minimum:
+            problems.append(f"--{flag} must be >= {minimum}, got {value}")
+    if defaults.resolution is not None and min(defaults.resolution) < 1:
+        problems.append(f"--resolution must be positive, got {defaults.resolution}")
+    if not defaults.caption_separator:
+        problems.append("--caption_separator must not be empty")
+    return problems
+
+
+def _pick(key: str, tables: list[Table], defaults: DatasetDefaults) -> tuple[Any, str]:
+    """Value and origin of a key: the first table that sets it, else the CLI value/default."""
+    for table in tables:
+        if key in table:
+            return table[key]
+    flag = _FLAG_FOR_KEY.get(key)
+    if flag is None:  # keys without a CLI flag (class_tokens, caption_prefix, ...) default to None
+        return None, "default"
+    return getattr(defaults, flag), f"--{flag}"
+
+
+def _normalise_extension(ext: str) -> str:
+    # kohya appends the extension verbatim, so "txt" would look for "imagetxt"; nobody means that.
+    return ext if not ext or ext.startswith(".") else "." + ext
+
+
+def _bucket_problems(
+    where: str, resolution: tuple[int, int], values: dict[str, tuple[Any, str]]
+) -> tuple[list[str], int, int]:
+    """Check min/max bucket reso bracket the resolution (after snapping); returns problems and snapped values."""
+    (min_reso, min_from), (max_reso, max_from) = values["min_bucket_reso"], values["max_bucket_reso"]
+    steps = values["bucket_reso_steps"][0]
+    snapped_min, snapped_max = snap_bucket_range(min_reso, max_reso, steps)
+    if (snapped_min, snapped_max) != (min_reso, max_reso):
+        logger.warning(
+            "%s: min/max_bucket_reso %d/%d adjusted to multiples of bucket_reso_steps %d: %d/%d",
+            where, min_reso, max_reso, steps, snapped_min, snapped_max,
+        )  # fmt: skip
+    problems = []
+    enabled, no_upscale = values["enable_bucket"][0], values["bucket_no_upscale"][0]
+    # With bucket_no_upscale the range is not used, so it cannot be wrong (kohya still asserts).
+    if enabled and not no_upscale:
+        res = f"{resolution[0]}x{resolution[1]}"
+        if snapped_min > min(resolution):
+            problems.append(
+                f"{where}min_bucket_reso {snapped_min} (from {min_from}) is larger than the smaller side of "
+                f"resolution {res}; set min_bucket_reso <= {min(resolution)}"
+            )
+        if snapped_max < max(resolution):
+            problems.append(
+                f"{where}max_bucket_reso {snapped_max} (from {max_from}) is smaller than the larger side of "
+                f"resolution {res}; set max_bucket_reso >= {max(resolution)}"
+            )
+    return problems, snapped_min, snapped_max
+
+
+def _make_dataset(
+    where: str, tables: list[Table], defaults: DatasetDefaults, subsets: list[SubsetSpec], problems: list[str]
+) -> DatasetSpec | None:
+    values = {key: _pick(key, tables, defaults) for key in _FLAG_FOR_KEY}
+    resolution, _ = values["resolution"]
+    if resolution is None:
+        problems.append(
+            f"{where}resolution is not set; add e.g. resolution = 512 to [general] or pass --resolution 512"
+        )
+        return None
+    bucket_problems, min_reso, max_reso = _bucket_problems(where, resolution, values)
+    problems.extend(bucket_problems)
+    return DatasetSpec(
+        resolution=tuple(resolution),
+        batch_size=values["batch_size"][0],
+        enable_bucket=values["enable_bucket"][0],
+        min_bucket_reso=min_reso,
+        max_bucket_reso=max_reso,
+        bucket_reso_steps=values["bucket_reso_steps"][0],
+        bucket_no_upscale=values["bucket_no_upscale"][0],
+        subsets=tuple(subsets),
+    )
+
+
+def _make_subset(image_dir: Path, is_reg: bool, tables: list[Table], defaults: DatasetDefaults) -> SubsetSpec:
+    def value(key: str) -> Any:
+        return _pick(key, tables, defaults)[0]
+
+    return SubsetSpec(
+        image_dir=image_dir,
+        num_repeats=value("num_repeats"),
+        is_reg=is_reg,
+        class_tokens=value("class_tokens"),
+        caption_extension=_normalise_extension(value("caption_extension")),
+        shuffle_caption=value("shuffle_caption"),
+        caption_separator=value("caption_separator"),
+        keep_tokens=value("keep_tokens"),
+        caption_prefix=value("caption_prefix"),
+        caption_suffix=value("caption_suffix"),
+        flip_aug=value("flip_aug"),
+        random_crop=value("random_crop"),
+    )
+
+
+def _resolve_image_dir(raw: str, where: str, config_dir: Path, problems: ConfigProblems) -> Path | None:
+    given = Path(raw).expanduser()
+    if given.is_absolute():
+        candidates = [given]
+    else:
+        candidates = [config_dir / given, Path.cwd() / given]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate.resolve()
+    looked = " and ".join(str(c) for c in dict.fromkeys(candidates))
+    problems.add(where, f'folder "{raw}" does not exist (looked in {looked}); fix the path')
+    return None
+
+
+def _as_table_list(raw: Any, where: str, what: str, problems: ConfigProblems) -> list[Any]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        problems.add(where, f"must be a list of tables ([[{what}]]), got {type(raw).__name__}")
+        return []
+    return raw
+
+
+def load_dataset_blueprint(path: Path, defaults: DatasetDefaults) -> list[DatasetSpec]:
+    """Read a kohya dataset config (.toml or .json) into validated dataset specs. Raises UserError."""
+    path = Path(path)
+    data = read_config_file(path)
+    problems = ConfigProblems(str(path))
+    for flag_problem in _default_problems(defaults):
+        problems.add("", flag_problem)
+    top = check_table(data, "", "top", problems)
+    general = check_table(data.get("general", {}), "general", "general", problems)
+    datasets_raw = _as_table_list(data.get("datasets"), "datasets", "datasets", problems)
+    if not datasets_raw and "datasets" not in top:
+        problems.add(
+            "", 'no [[datasets]] found; add [[datasets]] and [[datasets.subsets]] with image_dir = "..."'
+        )
+    config_dir = path.resolve().parent
+    specs = []
+    for i, ds_raw in enumerate(datasets_raw):
+        ds_where = f"datasets[{i}]"
+        ds_table = check_table(ds_raw, ds_where, "dataset", problems)
+        subsets_raw = _as_table_list(
+            ds_raw.get("subsets"), f"{ds_where}.subsets", "datasets.subsets", problems
+        )
+        if not subsets_raw and "subsets" in ds_raw and not problems.has(f"{ds_where}.subsets"):
+            problems.add(f"{ds_where}.subsets", "is empty; add [[datasets.subsets]] with image_dir")
+        elif "subsets" not in ds_raw:
+            problems.add(ds_where, 'has no [[datasets.subsets]]; add one with image_dir = "..."')
+        subsets: list[SubsetSpec] = []
+        seen: set[tuple[Path, bool]] = set()
+        for j, ss_raw in enumerate(subsets_raw):
+            ss_where = f"{ds_where}.subsets[{j}]"
+            ss_table = check_table(ss_raw, ss_where, "subset", problems)
+            if "image_dir" not in ss_raw:
+                problems.add(ss_where, 'has no image_dir; add image_dir = "path/to/images"')
+            if "image_dir" not in ss_table:
+                continue
+            image_dir = _resolve_image_dir(
+                ss_table["image_dir"][0], f"{ss_where}.image_dir", config_dir, problems
+            )
+            if image_dir is None:
+                continue
+            is_reg = ss_table.get("is_reg", (False, ""))[0]
+            if (image_dir, is_reg) in seen:
+                logger.warning("%s: %s is listed twice in %s; using it once", path, image_dir, ds_where)
+                continue
+            seen.add((image_dir, is_reg))
+            subsets.append(_make_subset(image_dir, is_reg, [ss_table, ds_table, general], defaults))
+        flat: list[str] = []
+        spec = _make_dataset(f"{ds_where}: ", [ds_table, general], defaults, subsets, flat)
+        for line in flat:
+            problems.add("", line)
+        if spec is not None:
+            specs.append(spec)
+    problems.raise_if_any()
+    return specs
+
+
+def parse_dreambooth_folder_name(name: str) -> tuple[int, str | None] | None:
+    """`10_sks dog` -> (10, "sks dog"); `10` -> (10, None); None when the name has no repeat count."""
+    head, _, tail = name.partition("_")
+    try:
+        repeats = int(head)
+    except ValueError:
+        return None
+    if repeats < 1:
+        return None
+    return repeats, tail or None
+
+
+def _dreambooth_subsets(
+    root: Path, flag: str, is_reg: bool, defaults: DatasetDefaults, problems: list[str]
+) -> list[SubsetSpec]:
+    """Subsets from `<repeats>_<class tokens>` folders.
+
+    Badly named folders are an error when no folder is usable (the usual mistake: pointing at the image
+    folder itself); when some are usable the others are skipped with a warning, as kohya does.
+    """
+    if not root.is_dir():
+        problems.append(f"--{flag} {root} does not exist or is not a folder")
+        return []
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    subsets, bad = [], []
+    for folder in folders:
+        parsed = parse_dreambooth_folder_name(folder.name)
+        if parsed is None:
+            bad.append(folder)
+            continue
+        repeats, class_tokens = parsed
+        tables: list[Table] = [{"num_repeats": (repeats, str(folder))}]
+        if class_tokens is not None:
+            tables[0]["class_tokens"] = (class_tokens, str(folder))
+        subsets.append(_make_subset(folder.resolve(), is_reg, tables, defaults))
+    fix = "folder names must be <repeats>_<class tokens>"
+    if not subsets:
+        if bad:
+            problems.extend(
+                f"--{flag}: {b} is not named <repeats>_<class tokens>; rename it to e.g. 10_{b.name}"
+                for b in bad
+            )
+        elif list_image_files(root):
+            problems.append(
+                f"--{flag} {root} holds images directly; {fix}: move them into a sub-folder such as "
+                f"{root / ('10_' + root.name)} (10 = repeats)"
+            )
+        else:
+            problems.append(f"--{flag} {root} has no sub-folders; {fix}, e.g. {root / '10_sks dog'}")
+    for b in bad if subsets else []:
+        logger.warning("--%s: skipping %s; %s (rename it to e.g. 10_%s)", flag, b, fix, b.name)
+    return subsets
+
+
+def blueprint_from_dirs(
+    train_data_dir: Path, reg_data_dir: Path | None, defaults: DatasetDefaults
+) -> list[DatasetSpec]:
+    """One dataset from kohya DreamBooth folders (`--train_data_dir`, optional `--reg_data_dir`)."""
+    problems = _default_problems(defaults)
+    if defaults.resolution is None:
+        problems.append("--resolution is required with --train_data_dir; e.g. --resolution 512 (or 512,768)")
+    subsets = _dreambooth_subsets(Path(train_data_dir), "train_data_dir", False, defaults, problems)
+    if reg_data_dir is not None:
+        subsets += _dreambooth_subsets(Path(reg_data_dir), "reg_data_dir", True, defaults, problems)
+    spec = None
+    if defaults.resolution is not None and not problems:
+        spec = _make_dataset("", [], defaults, subsets, problems)
+    if problems:
+        raise UserError(*problems)
+    assert spec is not None
+    return [spec]

@@ -9,5 +9,11 @@ import sys
 from library.entry import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], prog="train_network.py", family="sd",
-                  description="Train a LoRA for Stable Diffusion 1.x/2.x with kohya-compatible options."))
+    sys.exit(
+        main(
+            sys.argv[1:],
+            prog="train_network.py",
+            family="sd",
+            description="Train a LoRA for Stable Diffusion 1.x/2.x with kohya-compatible options.",
+        )
+    )

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from library.config import TrainConfig, load_config_file, parse_config, write_output_config
+from library.config import load_config_file, parse_config, write_output_config
 from library.errors import UserError
 from library.validate import parse_resolution, validate
 
@@ -27,8 +27,19 @@ def test_kohya_defaults():
 
 def test_cli_types_and_lists():
     config = parse_config(
-        ["--learning_rate=1e-4", "--network_dim", "16", "--network_args", "conv_dim=4", "conv_alpha=1",
-         "--text_encoder_lr", "5e-5", "--sdpa", "--mixed_precision", "bf16"],
+        [
+            "--learning_rate=1e-4",
+            "--network_dim",
+            "16",
+            "--network_args",
+            "conv_dim=4",
+            "conv_alpha=1",
+            "--text_encoder_lr",
+            "5e-5",
+            "--sdpa",
+            "--mixed_precision",
+            "bf16",
+        ],
         **ARGS,
     )
     assert config.learning_rate == 1e-4
@@ -41,8 +52,10 @@ def test_cli_types_and_lists():
 
 def test_toml_sections_flattened_and_cli_wins(tmp_path: Path):
     cfg = tmp_path / "train.toml"
-    cfg.write_text('[model]\npretrained_model_name_or_path = "m"\n[training]\nlearning_rate = 1e-4\n'
-                   'max_train_steps = 10\n[anything]\nnetwork_args = ["conv_dim=4"]\n')
+    cfg.write_text(
+        '[model]\npretrained_model_name_or_path = "m"\n[training]\nlearning_rate = 1e-4\n'
+        'max_train_steps = 10\n[anything]\nnetwork_args = ["conv_dim=4"]\n'
+    )
     config = parse_config(["--config_file", str(cfg), "--max_train_steps", "20"], **ARGS)
     assert config.pretrained_model_name_or_path == "m"
     assert config.learning_rate == 1e-4
@@ -89,7 +102,9 @@ def test_unknown_cli_flag_suggests():
 
 
 def test_output_config_roundtrip_and_no_overwrite(tmp_path: Path):
-    config = parse_config(["--learning_rate", "1e-4", "--network_dim", "8", "--network_args", "conv_dim=2"], **ARGS)
+    config = parse_config(
+        ["--learning_rate", "1e-4", "--network_dim", "8", "--network_args", "conv_dim=2"], **ARGS
+    )
     out = tmp_path / "resolved.toml"
     write_output_config(config, out)
     again = parse_config(["--config_file", str(out)], **ARGS)
@@ -107,9 +122,20 @@ def test_resolution_parsing():
 
 def test_validate_reports_everything_at_once(tmp_path: Path):
     config = parse_config(
-        ["--pretrained_model_name_or_path", str(tmp_path / "nope"), "--train_data_dir", str(tmp_path / "imgs"),
-         "--network_train_unet_only", "--network_train_text_encoder_only", "--optimizer_type", "Adamm",
-         "--lr_scheduler", "cosin", "--learning_rate", "-1"],
+        [
+            "--pretrained_model_name_or_path",
+            str(tmp_path / "nope"),
+            "--train_data_dir",
+            str(tmp_path / "imgs"),
+            "--network_train_unet_only",
+            "--network_train_text_encoder_only",
+            "--optimizer_type",
+            "Adamm",
+            "--lr_scheduler",
+            "cosin",
+            "--learning_rate",
+            "-1",
+        ],
         **ARGS,
     )
     problems = validate(config)
@@ -118,6 +144,10 @@ def test_validate_reports_everything_at_once(tmp_path: Path):
     assert f"--train_data_dir: folder {tmp_path / 'imgs'} does not exist" in problems
     assert "--resolution is required with --train_data_dir (e.g. --resolution 512)" in problems
     assert "--learning_rate must not be negative, got -1.0" in problems
-    assert any(p.startswith("--network_train_unet_only and --network_train_text_encoder_only") for p in problems)
+    assert any(
+        p.startswith("--network_train_unet_only and --network_train_text_encoder_only") for p in problems
+    )
     assert any(p.startswith("--optimizer_type: unknown optimizer 'Adamm'") for p in problems)
-    assert any(p.startswith("--lr_scheduler: unknown scheduler 'cosin' (did you mean \"cosine\"?)") for p in problems)
+    assert any(
+        p.startswith("--lr_scheduler: unknown scheduler 'cosin' (did you mean \"cosine\"?)") for p in problems
+    )

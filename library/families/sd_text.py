@@ -37,7 +37,9 @@ MAX_TOKEN_LENGTHS = (75, 150, 225)
 
 
 def _is_tokenizer_dir(folder: Path) -> bool:
-    return (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    # Slow-tokenizer files (what hub repos ship) or a fast tokenizer.json (what transformers 5 saves).
+    slow = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    return slow or (folder / "tokenizer.json").is_file()
 
 
 def _load(folder: Path) -> Any:

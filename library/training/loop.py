@@ -2,21 +2,42 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from library.training.metadata import per_save_metadata
-from library.training.progress import LossAverage, Logger, LossReader
+from library.training.progress import Logger, LossAverage, LossReader
 from library.training.run import Run, timestamp
 from library.training.state import Progress, save_state
 from library.training.step import diffusion_loss
 from library.validate import MODEL_EXTENSIONS, output_name
 
 log = logging.getLogger("loratrain")
+
+
+class StepClock:
+    """Optional per-step wall times for bench/ (env LORATRAIN_STEP_TIMES=path); costs nothing when unset."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.path = os.environ.get("LORATRAIN_STEP_TIMES")
+        self.sync = device.type == "cuda"
+        self.ends: list[float] = []
+
+    def tick(self) -> None:
+        if self.path:
+            if self.sync:
+                torch.cuda.synchronize()
+            self.ends.append(time.time())
+
+    def write(self) -> None:
+        if self.path:
+            Path(self.path).write_text(json.dumps({"step_end_wall": self.ends}))
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -57,6 +78,9 @@ def make_loader(run: Run) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
         num_workers=workers,
         persistent_workers=run.config.persistent_data_loader_workers and workers > 0,
         pin_memory=acc.device.type == "cuda",
+        # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run's
+        # noise would drift from an uninterrupted one.
+        generator=torch.Generator().manual_seed(run.progress.seed),
     )
     return loader, sampler
 
@@ -147,6 +171,13 @@ def _lr_values(run: Run) -> dict[str, float]:
 
 
 def train_loop(run: Run) -> Path:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():  # log lines (saves) print above the progress bar instead of through it
+        return _train_loop(run)
+
+
+def _train_loop(run: Run) -> Path:
     from tqdm import tqdm
 
     acc, cfg, progress = run.accelerator, run.config, run.progress
@@ -154,13 +185,6 @@ def train_loop(run: Run) -> Path:
     accum = cfg.gradient_accumulation_steps
     reader, average = LossReader(acc.device), LossAverage(run.batches_per_epoch)
     logger = Logger(cfg.logging_dir if acc.is_main_process else None, cfg.log_prefix, timestamp())
-    bar = tqdm(
-        total=run.max_train_steps,
-        initial=progress.global_step,
-        desc="steps",
-        smoothing=0.1,
-        disable=not acc.is_main_process,
-    )
     log.info(
         "training: %d steps, %d epochs, %d batches per epoch%s",
         run.max_train_steps,
@@ -168,7 +192,15 @@ def train_loop(run: Run) -> Path:
         run.batches_per_epoch,
         f", resuming at step {progress.global_step}" if progress.global_step else "",
     )
+    bar = tqdm(
+        total=run.max_train_steps,
+        initial=progress.global_step,
+        desc="steps",
+        smoothing=0.1,
+        disable=not acc.is_main_process,
+    )
     run.network.train()
+    clock = StepClock(acc.device)
 
     def report(value: float | None, step: int) -> None:
         if value is None:
@@ -191,6 +223,7 @@ def train_loop(run: Run) -> Path:
                 continue
             optimizer_step(run)
             progress.global_step += 1
+            clock.tick()
             bar.update(1)
             report(reader.push(step_loss / pending), progress.global_step - 1)
             pending, step_loss = 0, None
@@ -202,6 +235,7 @@ def train_loop(run: Run) -> Path:
             progress.batch_in_epoch = 0
             _after_epoch_saves(run, progress, epoch)
     report(reader.pop(), progress.global_step)
+    clock.write()
     bar.close()
     logger.close()
     final = save_path(run, "")

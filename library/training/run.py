@@ -219,6 +219,10 @@ def configure_logging() -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(message)s")
     for noisy in ("diffusers", "transformers", "accelerate", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes warns at import about optional CPU kernels nobody here uses.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # Component loading is a second or two; its per-file progress bars only add noise.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def timestamp() -> str:

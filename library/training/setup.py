@@ -26,9 +26,10 @@ SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16"
 def _configure_model(
     config: TrainConfig, bundle, device: torch.device, weight_dtype: torch.dtype, train_te: bool
 ) -> None:
-    bundle.unet.to(device, dtype=weight_dtype)
+    # The family loaded the weights in weight_dtype already; only the device changes here.
+    bundle.unet.to(device)
     for te in bundle.text_encoders:
-        te.to(device, dtype=weight_dtype)
+        te.to(device)
     if config.xformers:
         bundle.unet.enable_xformers_memory_efficient_attention()
     if config.gradient_checkpointing:
@@ -60,9 +61,10 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
         vae_path=Path(config.vae) if config.vae else None,
         tokenizer_path=Path(config.tokenizer_path) if config.tokenizer_path else None,
         dtype=weight_dtype,
+        tokenizer_cache_dir=Path(config.tokenizer_cache_dir) if config.tokenizer_cache_dir else None,
     )
-    vae_dtype = torch.float32 if config.no_half_vae or weight_dtype == torch.float32 else weight_dtype
-    bundle.vae.to(dtype=vae_dtype)
+    if not config.no_half_vae and weight_dtype != torch.float32:
+        bundle.vae.to(dtype=weight_dtype)  # kohya halves the VAE unless --no_half_vae
     cached = R.cache_latents_if_needed(config, family, bundle, dataset, device)
     if not cached:
         bundle.vae.to(device)

@@ -1,0 +1,194 @@
+"""End to end: train_network.py on the tiny SD 1.x model, under accelerate, through the real loaders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from library.entry import main
+
+ROOT = Path(__file__).resolve().parent.parent
+COLORS = [(220, 30, 30), (30, 200, 60), (40, 60, 220), (240, 200, 20)]
+
+
+def make_dreambooth_dataset(root: Path, n: int = 4, size: tuple[int, int] = (64, 64)) -> Path:
+    folder = root / "img" / "2_sks shape"
+    folder.mkdir(parents=True)
+    for i in range(n):
+        img = Image.new("RGB", size, COLORS[i % len(COLORS)])
+        for x in range(8 * (i + 1), 8 * (i + 1) + 16):
+            for y in range(16, 40):
+                img.putpixel((x % size[0], y), (255, 255, 255))
+        img.save(folder / f"img{i}.png")
+        (folder / f"img{i}.caption").write_text(f"sks shape, {['red', 'green', 'blue', 'yellow'][i % 4]}")
+    return root / "img"
+
+
+def base_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--train_data_dir",
+        str(data),
+        "--resolution",
+        "64",
+        "--output_dir",
+        str(out),
+        "--output_name",
+        "e2e",
+        "--network_module",
+        "networks.lora",
+        "--network_dim",
+        "4",
+        "--network_alpha",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--seed",
+        "7",
+        "--max_data_loader_n_workers",
+        "0",
+        "--train_batch_size",
+        "2",
+        *extra,
+    ]
+
+
+def run_main(argv: list[str]) -> int:
+    return main(argv, prog="train_network.py", family="sd", description="test")
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    return make_dreambooth_dataset(tmp_path / "data")
+
+
+def test_accelerate_launch_writes_kohya_lora(tiny_sd1_dir: Path, dataset: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    args = base_args(
+        tiny_sd1_dir,
+        dataset,
+        out,
+        "--max_train_steps",
+        "3",
+        "--save_every_n_steps",
+        "2",
+        "--cache_latents",
+        "--sdpa",
+        "--save_precision",
+        "fp16",
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "train_network.py"),
+        *args,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = out / "e2e.safetensors"
+    assert f"LoRA written to {final}" in proc.stdout
+    assert (out / "e2e-step00000002.safetensors").is_file()
+    sd = load_file(str(final))
+    names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in sd}
+    assert all(n.startswith(("lora_unet_", "lora_te_")) for n in names)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in names
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in names
+    for n in names:
+        assert sd[f"{n}.alpha"].ndim == 0 and float(sd[f"{n}.alpha"]) == 2.0
+        assert sd[f"{n}.lora_down.weight"].shape[0] == 4
+        assert sd[f"{n}.lora_up.weight"].dtype == torch.float16
+    with safe_open(str(final), "pt") as f:
+        md = f.metadata()
+    assert md["ss_network_module"] == "networks.lora"
+    assert md["ss_network_dim"] == "4" and md["ss_network_alpha"] == "2.0"
+    assert md["ss_base_model_version"] == "sd_v1" and md["ss_v2"] == "False"
+    assert md["ss_steps"] == "3" and md["ss_seed"] == "7"
+    assert md["ss_num_train_images"] == "8"  # 4 images x 2 repeats
+    assert md["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert md["modelspec.sai_model_spec"] == "1.0.1"
+    assert len(md["sshs_model_hash"]) == 64
+    assert json.loads(md["ss_tag_frequency"])
+
+
+def _tb_losses(logdir: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = [p for p in logdir.iterdir() if p.is_dir()]
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return [e.value for e in acc.Scalars("loss/current")]
+
+
+def test_loss_falls_on_overfit_run(tiny_sd1_dir: Path, tmp_path: Path):
+    data = make_dreambooth_dataset(tmp_path / "data", n=2)
+    logs = tmp_path / "logs"
+    args = base_args(
+        tiny_sd1_dir,
+        data,
+        tmp_path / "out",
+        "--max_train_steps",
+        "60",
+        "--learning_rate",
+        "3e-3",
+        "--cache_latents",
+        "--logging_dir",
+        str(logs),
+        "--min_timestep",
+        "400",
+        "--max_timestep",
+        "401",
+        "--network_train_unet_only",
+        "--network_dim",
+        "16",
+        "--network_alpha",
+        "16",
+    )
+    assert run_main(args) == 0
+    losses = _tb_losses(logs)
+    assert len(losses) == 60
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.8 * first, (first, last)
+
+
+def test_resume_continues_exactly(tiny_sd1_dir: Path, dataset: Path, tmp_path: Path):
+    common = ["--cache_latents", "--lr_scheduler", "constant", "--save_state"]
+    straight = tmp_path / "straight"
+    assert run_main(base_args(tiny_sd1_dir, dataset, straight, "--max_train_steps", "6", *common)) == 0
+
+    split = tmp_path / "split"
+    assert run_main(base_args(tiny_sd1_dir, dataset, split, "--max_train_steps", "3", *common)) == 0
+    state = split / "e2e-state"
+    progress = json.loads((state / "train_state.json").read_text())
+    assert (progress["global_step"], progress["epoch"], progress["batch_in_epoch"]) == (3, 0, 3)
+    assert (
+        run_main(
+            base_args(tiny_sd1_dir, dataset, split, "--max_train_steps", "6", "--resume", str(state), *common)
+        )
+        == 0
+    )
+    a, b = load_file(str(straight / "e2e.safetensors")), load_file(str(split / "e2e.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    with safe_open(str(split / "e2e.safetensors"), "pt") as f:
+        assert f.metadata()["ss_steps"] == "6"

@@ -333,3 +333,20 @@ def test_make_tiny_model_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "--tokenizer_path" in capsys.readouterr().out
     info = FAMILY.inspect(tmp_path / "m.safetensors", v2=False, v_parameterization=False)
     assert info.family == "sd2"
+
+
+def test_token_cache_gives_identical_ids_and_is_bounded(monkeypatch):
+    from library.families import sd_text
+    from library.families.tiny import build_tiny_sd
+
+    tok = build_tiny_sd("sd1").tokenizer
+    captions = ["a photo of sks dog", "red circle", "a photo of sks dog"]
+    cache: dict = {}
+    for n_chunks, window in ((1, 77), (2, 77)):
+        expected = sd_text._chunked_ids(tok, captions, n_chunks, window)
+        assert torch.equal(sd_text.cached_ids(tok, captions, n_chunks, window, cache), expected)
+        assert torch.equal(sd_text.cached_ids(tok, captions, n_chunks, window, cache), expected)
+    assert len(cache) == 4  # two distinct captions x two chunkings
+    monkeypatch.setattr(sd_text, "TOKEN_CACHE_LIMIT", 4)
+    sd_text.cached_ids(tok, ["blue square"], 1, 77, cache)
+    assert list(cache) == [("blue square", 1)]

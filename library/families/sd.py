@@ -292,6 +292,7 @@ class StableDiffusionFamily:
             captions,
             clip_skip=clip_skip,
             max_token_length=max_token_length,
+            token_cache=bundle.cache.setdefault("token_ids", {}),
         )
         return {"encoder_hidden_states": hidden}
 

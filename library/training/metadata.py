@@ -163,7 +163,7 @@ def training_metadata(
             ss_color_aug=False,
             ss_random_crop=config.random_crop,
             ss_bucket_info=json.dumps(dataset.bucket_info()),
-            ss_dataset_dirs=json.dumps(_dataset_dirs(dataset)),
+            ss_dataset_dirs=json.dumps(dataset.dataset_dirs()),
         )
     md["ss_tag_frequency"] = json.dumps(dataset.tag_frequency())
     out = {k: _s(v) for k, v in md.items()}
@@ -171,17 +171,6 @@ def training_metadata(
     if config.no_metadata:
         out = {k: v for k, v in out.items() if k in MINIMAL_KEYS or k.startswith("modelspec.")}
     return out
-
-
-def _dataset_dirs(dataset: Any) -> dict[str, dict[str, int]]:
-    dirs: dict[str, dict[str, int]] = {}
-    for ds in dataset.dataset_metadata():
-        for subset in ds.get("subsets", []):
-            dirs[str(subset.get("image_dir"))] = {
-                "n_repeats": subset.get("num_repeats"),
-                "img_count": subset.get("img_count"),
-            }
-    return dirs
 
 
 def per_save_metadata(base: dict[str, str], *, steps: int, epoch: int, no_metadata: bool) -> dict[str, str]:

@@ -309,7 +309,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
                 problems.append(problem)
             continue
         if key not in _FIELDS or key in _PARSE_ONLY:
-            problems.append(f"{path}: unknown option {key!r}{did_you_mean(key, _FIELDS.keys())}")
+            hint = did_you_mean(key, _FIELDS.keys()) or "; remove it or fix its spelling (--help lists them)"
+            problems.append(f"{path}: unknown option {key!r}{hint}")
             continue
         try:
             values[key] = coerce_value(key, value)

@@ -16,12 +16,21 @@ def main(argv: list[str], *, prog: str, family: str, description: str) -> int:
         config = parse_config(argv, prog=prog, description=description)
         path = train(config, family)
     except UserError as exc:
+        _close_progress_bars()
         for line in exc.problems:
             print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("interrupted; files already saved are kept", file=sys.stderr)
         return 130
     if path is not None:
         print(f"LoRA written to {path}")
     return 0
+
+
+def _close_progress_bars() -> None:
+    """Close bars a failed phase left open (caching, steps), so each message starts on a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()

@@ -14,6 +14,8 @@ from library.errors import UserError
 BUILTIN_OPTIMIZERS = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit"}
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 MODEL_EXTENSIONS = {"safetensors": ".safetensors", "ckpt": ".ckpt", "pt": ".pt"}
+# Files a --resume state folder must hold (library.training.state writes them; scaler.pt is optional).
+STATE_FILES = ("network.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt")
 
 
 def parse_resolution(text: str | None, flag: str = "--resolution") -> tuple[int, int] | None:
@@ -53,17 +55,24 @@ def optimizer_class_path(optimizer_type: str) -> str:
     return BUILTIN_OPTIMIZERS.get(optimizer_type.lower(), optimizer_type)
 
 
-def output_name(config: TrainConfig) -> str:
-    return config.output_name or "last"
+# kohya's base names when --output_name is unset: epoch saves, step saves, the final save (and their states).
+DEFAULT_OUTPUT_NAMES = {"epoch": "epoch", "step": "at", "last": "last"}
+
+
+def output_name(config: TrainConfig, kind: str = "last") -> str:
+    """Base name of a saved file or state; `kind` is "epoch", "step" or "last"."""
+    return config.output_name or DEFAULT_OUTPUT_NAMES[kind]
 
 
 def final_output_path(config: TrainConfig) -> Path:
     return Path(config.output_dir or ".") / f"{output_name(config)}{MODEL_EXTENSIONS[config.save_model_as]}"
 
 
-def _exists(path: str | None, flag: str, problems: list[str], *, kind: str = "path") -> None:
+def _exists(
+    path: str | None, flag: str, problems: list[str], *, kind: str = "path", fix: str = "check the path"
+) -> None:
     if path is not None and not Path(path).exists():
-        problems.append(f"{flag}: {kind} {path} does not exist")
+        problems.append(f"{flag}: {kind} {path} does not exist; {fix}")
 
 
 def _positive(config: TrainConfig, names: list[str], problems: list[str]) -> None:
@@ -103,11 +112,12 @@ def _check_existing_outputs(config: TrainConfig, problems: list[str]) -> None:
     out = Path(config.output_dir)
     if not out.is_dir():
         return
-    name = output_name(config)
+    prefixes = tuple(f"{output_name(config, kind)}{sep}" for kind in DEFAULT_OUTPUT_NAMES for sep in ".-")
     clashes = sorted(
-        p.name for p in out.glob(f"{name}*") if p.is_file() and p.suffix in MODEL_EXTENSIONS.values()
+        p.name
+        for p in out.iterdir()
+        if p.is_file() and p.suffix in MODEL_EXTENSIONS.values() and p.name.startswith(prefixes)
     )
-    clashes = [c for c in clashes if c.startswith(f"{name}.") or c.startswith(f"{name}-")]
     if clashes:
         shown = ", ".join(clashes[:3]) + (" ..." if len(clashes) > 3 else "")
         problems.append(
@@ -125,7 +135,11 @@ def validate(config: TrainConfig) -> list[str]:
         )
     else:
         _exists(
-            config.pretrained_model_name_or_path, "--pretrained_model_name_or_path", problems, kind="model"
+            config.pretrained_model_name_or_path,
+            "--pretrained_model_name_or_path",
+            problems,
+            kind="model",
+            fix="pass a local diffusers folder or .safetensors/.ckpt file (hub ids are not downloaded)",
         )
     if not config.output_dir:
         problems.append("--output_dir is required (the folder where LoRA files are written)")
@@ -156,6 +170,11 @@ def validate(config: TrainConfig) -> list[str]:
         elif not (state / "train_state.json").is_file():
             problems.append(
                 f"--resume: {state} has no train_state.json; it is not a state saved by --save_state"
+            )
+        elif missing := [name for name in STATE_FILES if not (state / name).is_file()]:
+            problems.append(
+                f"--resume: {state} is missing {', '.join(missing)}; the state is incomplete: resume from "
+                "another *-state folder"
             )
     _positive(
         config,

@@ -139,9 +139,12 @@ def test_validate_reports_everything_at_once(tmp_path: Path):
         **ARGS,
     )
     problems = validate(config)
-    assert f"--pretrained_model_name_or_path: model {tmp_path / 'nope'} does not exist" in problems
+    assert (
+        f"--pretrained_model_name_or_path: model {tmp_path / 'nope'} does not exist; pass a local diffusers "
+        "folder or .safetensors/.ckpt file (hub ids are not downloaded)"
+    ) in problems
     assert "--output_dir is required (the folder where LoRA files are written)" in problems
-    assert f"--train_data_dir: folder {tmp_path / 'imgs'} does not exist" in problems
+    assert f"--train_data_dir: folder {tmp_path / 'imgs'} does not exist; check the path" in problems
     assert "--resolution is required with --train_data_dir (e.g. --resolution 512)" in problems
     assert "--learning_rate must not be negative, got -1.0" in problems
     assert any(

@@ -59,14 +59,13 @@ def dataset(
 
 @pytest.fixture()
 def mixed(tmp_path: Path) -> Path:
-    """5 images in 3 buckets (128x128, 192x64, 64x192) plus one corrupt file."""
+    """5 images in 3 buckets (128x128, 192x64, 64x192) plus a file that is not an image."""
     d = tmp_path / "train"
     png(d / "a.png", 128, 128)
     png(d / "b.png", 128, 128, (0, 0, 255))
     png(d / "c.png", 192, 64)
     png(d / "d.PNG", 64, 200)
     png(d / "e.jpg", 130, 126)
-    (d / "broken.png").write_bytes(b"this is not an image")
     (d / "notes.txt").write_text("ignored")
     return d
 
@@ -82,13 +81,12 @@ def test_scan_buckets_and_plan(mixed: Path) -> None:
     ]
     assert group.num_batches_per_epoch == 2 + 5 + 2  # ceil(3/2) + ceil(9/2) + ceil(3/2)
     assert (group.num_train_images, group.num_reg_images) == (15, 0)
-    assert ds.skipped[0][0].name == "broken.png"
+    assert ds.skipped == []
     text = group.plan_text()
     for needle in (
         "64x192",
         "128x128",
         "192x64",
-        "broken.png: cannot read image header",
         "9 batches per epoch",
     ):
         assert needle in text
@@ -138,8 +136,15 @@ def test_scan_errors(tmp_path: Path) -> None:
     assert 'set caption_extension = ".txt"' in str(info.value)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"garbage")
-    with pytest.raises(UserError, match="every image in .* was skipped"):
+    png(tmp_path / "bad" / "y.png", 64, 64)
+    with pytest.raises(UserError) as info:  # an unreadable image is an error, not a skip
         build_dataset_group([dataset(subset(tmp_path / "bad"))], seed=0)
+    assert info.value.problems == [
+        f"cannot read image {tmp_path / 'bad' / 'x.png'}: unknown or corrupt image format; fix or remove the file"
+    ]
+    png(tmp_path / "tiny" / "x.png", 8, 8)
+    with pytest.raises(UserError, match="every image in .* was skipped .*x.png: 8x8 is smaller"):
+        build_dataset_group([dataset(subset(tmp_path / "tiny"), bucket_no_upscale=True)], seed=0)
     png(tmp_path / "regonly" / "x.png", 64, 64)
     with pytest.raises(UserError, match="only regularization images"):
         build_dataset_group([dataset(subset(tmp_path / "regonly", is_reg=True))], seed=0)

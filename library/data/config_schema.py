@@ -194,7 +194,8 @@ def check_table(raw: Any, where: str, level: str, problems: ConfigProblems) -> d
                 if ok:
                     table[canonical] = (converted, path)
         else:
-            problems.add(path, f"is not a known key{did_you_mean(key, candidates)}")
+            hint = did_you_mean(key, candidates)
+            problems.add(path, f"is not a known key{hint or '; remove it or fix its spelling'}")
     return table
 
 
@@ -235,7 +236,8 @@ def _parse_toml(path: Path, text: str) -> Any:
 def read_config_file(path: Path) -> dict[str, Any]:
     """Parse a .toml or .json dataset config; syntax errors become one-line UserErrors."""
     if not path.is_file():
-        raise UserError(f"dataset config {path} does not exist")
+        what = "is a folder; pass the .toml file inside it" if path.is_dir() else "does not exist"
+        raise UserError(f"dataset config {path} {what}")
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".json"):
         raise UserError(f"dataset config {path} must be a .toml or .json file")

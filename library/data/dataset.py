@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from PIL import UnidentifiedImageError
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from library.data import plan
 from library.data.bucketing import BucketAssignment, BucketSelector, ImageTooSmallError, kohya_crop_ltrb
@@ -79,6 +79,9 @@ class BuiltDataset:
         return self.spec.subsets[item.subset_index]
 
 
+_MAX_LISTED = 5  # unreadable images named one per line; the rest are counted
+
+
 def _caption_fix_hint(image: Path, subset: SubsetSpec) -> str:
     others = sorted(
         p.suffix
@@ -103,15 +106,17 @@ def _scan_subset(
             "searched); add images or remove this folder from the dataset"
         )
         return []
-    items, uncaptioned = [], []
+    items, uncaptioned, unreadable = [], [], []
     for path in files:
         try:
             size = read_image_size(path)
         except UnidentifiedImageError:
-            built.skipped.append((path, "cannot read image header (unknown or corrupt image format)"))
+            unreadable.append(
+                f"cannot read image {path}: unknown or corrupt image format; fix or remove the file"
+            )
             continue
         except Exception as e:  # any decoder failure means the same thing: this file cannot be used
-            built.skipped.append((path, f"cannot read image header ({type(e).__name__}: {e})"))
+            unreadable.append(f"cannot read image {path} ({type(e).__name__}: {e}); fix or remove the file")
             continue
         try:
             assignment = selector.select(*size)
@@ -129,6 +134,12 @@ def _scan_subset(
             uncaptioned.append(path)
             continue
         items.append(ImageItem(path, caption, index, subset.is_reg, subset.num_repeats, size, assignment))
+    # An unreadable file is an error, not a skip: the user meant to train on it (kohya fails on it too).
+    problems.extend(unreadable[:_MAX_LISTED])
+    if len(unreadable) > _MAX_LISTED:
+        problems.append(
+            f"{len(unreadable) - _MAX_LISTED} more unreadable images in {subset.image_dir}; fix or remove them"
+        )
     if uncaptioned:
         names = ", ".join(p.name for p in uncaptioned[:3]) + (" ..." if len(uncaptioned) > 3 else "")
         problems.append(
@@ -398,9 +409,32 @@ class EpochBatchDataset(Dataset):
     def __len__(self) -> int:
         return self.group.num_batches_per_epoch
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any] | FailedBatch:
         epoch, step = key
-        return self.group.load_batch(epoch, step)
+        try:
+            return self.group.load_batch(epoch, step)
+        except UserError as e:
+            if get_worker_info() is None:
+                raise
+            return FailedBatch(tuple(e.problems))
+
+
+@dataclass(frozen=True)
+class FailedBatch:
+    """What a DataLoader worker returns instead of raising a UserError (e.g. an image that fails to decode).
+
+    The DataLoader re-raises a worker's exception with the worker's traceback pasted into its message, which
+    would turn a one-line user error into a wall of text; `raise_if_failed` raises it cleanly instead.
+    """
+
+    problems: tuple[str, ...]
+
+
+def raise_if_failed(batch: dict[str, Any] | FailedBatch) -> dict[str, Any]:
+    """The batch from an EpochBatchDataset DataLoader, or the worker's UserError raised in this process."""
+    if isinstance(batch, FailedBatch):
+        raise UserError(*batch.problems)
+    return batch
 
 
 class EpochBatchSampler(Sampler):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from library.data.bucketing import BucketAssignment
 from library.errors import UserError
@@ -57,7 +57,9 @@ def load_image_tensor(
     try:
         with Image.open(path) as opened:
             image = opened.convert("RGB")  # drops alpha like kohya; palette images are expanded first
-    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+    # PIL reports corrupt data as OSError ("image file is truncated"), SyntaxError ("broken PNG file") or
+    # EOFError depending on the format and where the damage is.
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise UserError(f"cannot read image {path}: {e}; fix or remove the file") from None
     image = _resize(image, assignment.resized_size)
     if crop_rng is None:

@@ -158,7 +158,7 @@ def load_vae(vae_path: Path) -> torch.nn.Module:
     if vae_path.is_dir():
         for folder in (vae_path, vae_path / "vae"):
             if (folder / "config.json").is_file():
-                return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
+                return _from_pretrained(AutoencoderKL, folder, "--vae", torch_dtype=torch.float32)
         raise UserError(
             f"--vae: {vae_path} has no config.json; pass a diffusers VAE folder (config.json + "
             "diffusion_pytorch_model.safetensors) or a .safetensors/.ckpt VAE file"
@@ -177,21 +177,36 @@ def load_vae(vae_path: Path) -> torch.nn.Module:
     return ckpt.ldm_to_vae(sd, config, vae_path, prefix="", dtype=torch.float32)
 
 
+def _from_pretrained(cls: Any, folder: Path, flag: str = MODEL_FLAG, **kwargs: Any) -> torch.nn.Module:
+    """`cls.from_pretrained(folder)`; a corrupt or mismatched weights file is a UserError naming the folder."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        return cls.from_pretrained(folder, local_files_only=True, **kwargs)
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"{flag}: cannot load {folder} ({first}); its weights are truncated, corrupt or do not match its "
+            "config.json: download it again"
+        ) from None
+
+
 def _load_folder(info: ModelInfo, dtype: torch.dtype) -> tuple[torch.nn.Module, ...]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     path, variants = info.path, info.details.get("variants", {})
-    unet = UNet2DConditionModel.from_pretrained(
-        path / "unet", torch_dtype=dtype, variant=variants.get("unet"), local_files_only=True
+    unet = _from_pretrained(
+        UNet2DConditionModel, path / "unet", torch_dtype=dtype, variant=variants.get("unet")
     )
-    vae = AutoencoderKL.from_pretrained(
-        path / "vae", torch_dtype=torch.float32, variant=variants.get("vae"), local_files_only=True
+    vae = _from_pretrained(
+        AutoencoderKL, path / "vae", torch_dtype=torch.float32, variant=variants.get("vae")
     )
     # .to() rather than a dtype kwarg: its name differs between transformers 4 and 5.
-    te = CLIPTextModel.from_pretrained(
-        path / "text_encoder", variant=variants.get("text_encoder"), local_files_only=True
-    ).to(dtype)
+    te = _from_pretrained(CLIPTextModel, path / "text_encoder", variant=variants.get("text_encoder"))
+    te = te.to(dtype)
     return unet, vae, te
 
 

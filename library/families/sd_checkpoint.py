@@ -80,7 +80,10 @@ def read_shapes(path: Path, flag: str = "--pretrained_model_name_or_path") -> Sh
             with safe_open(str(path), framework="pt") as f:
                 return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
         except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise UserError(f"{flag}: {path} is not a readable .safetensors file ({e})") from None
+            raise UserError(
+                f"{flag}: {path} is not a readable .safetensors file ({e}); it is truncated or corrupt: "
+                "download or save it again"
+            ) from None
     return {k: tuple(v.shape) for k, v in _torch_load(path, flag).items()}
 
 
@@ -89,7 +92,13 @@ def read_state_dict(path: Path, flag: str = "--pretrained_model_name_or_path") -
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own error types for corrupt or truncated files
+            raise UserError(
+                f"{flag}: {path} is not a readable .safetensors file ({e}); it is truncated or corrupt: "
+                "download or save it again"
+            ) from None
     return _torch_load(path, flag)
 
 

@@ -85,10 +85,11 @@ def make_loader(run: Run) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
     return loader, sampler
 
 
-def save_path(run: Run, suffix: str) -> Path:
+def save_path(run: Run, suffix: str, kind: str = "last") -> Path:
+    """`kind` ("epoch", "step", "last") picks kohya's default base name when --output_name is unset."""
     return (
         Path(run.config.output_dir)
-        / f"{output_name(run.config)}{suffix}{MODEL_EXTENSIONS[run.config.save_model_as]}"
+        / f"{output_name(run.config, kind)}{suffix}{MODEL_EXTENSIONS[run.config.save_model_as]}"
     )
 
 
@@ -106,10 +107,10 @@ def save_lora(run: Run, path: Path, progress: Progress) -> None:
     log.info("saved %s", path)
 
 
-def save_training_state(run: Run, suffix: str, progress: Progress) -> None:
+def save_training_state(run: Run, suffix: str, progress: Progress, kind: str = "last") -> None:
     if not run.accelerator.is_main_process:
         return
-    folder = Path(run.config.output_dir) / f"{output_name(run.config)}{suffix}-state"
+    folder = Path(run.config.output_dir) / f"{output_name(run.config, kind)}{suffix}-state"
     save_state(
         folder,
         network_state=run.network.state_dict(),
@@ -150,17 +151,17 @@ def optimizer_step(run: Run) -> None:
 def _after_step_saves(run: Run, progress: Progress) -> None:
     every = run.config.save_every_n_steps
     if every and progress.global_step % every == 0 and progress.global_step < run.max_train_steps:
-        save_lora(run, save_path(run, f"-step{progress.global_step:08d}"), progress)
+        save_lora(run, save_path(run, f"-step{progress.global_step:08d}", "step"), progress)
         if run.config.save_state:
-            save_training_state(run, f"-step{progress.global_step:08d}", progress)
+            save_training_state(run, f"-step{progress.global_step:08d}", progress, "step")
 
 
 def _after_epoch_saves(run: Run, progress: Progress, epoch: int) -> None:
     every = run.config.save_every_n_epochs
     if every and (epoch + 1) % every == 0 and epoch + 1 < run.num_epochs:
-        save_lora(run, save_path(run, f"-{epoch + 1:06d}"), progress)
+        save_lora(run, save_path(run, f"-{epoch + 1:06d}", "epoch"), progress)
         if run.config.save_state:
-            save_training_state(run, f"-{epoch + 1:06d}", progress)
+            save_training_state(run, f"-{epoch + 1:06d}", progress, "epoch")
 
 
 def _lr_values(run: Run) -> dict[str, float]:
@@ -179,6 +180,8 @@ def train_loop(run: Run) -> Path:
 
 def _train_loop(run: Run) -> Path:
     from tqdm import tqdm
+
+    from library.data.dataset import raise_if_failed
 
     acc, cfg, progress = run.accelerator, run.config, run.progress
     loader, sampler = make_loader(run)
@@ -202,18 +205,23 @@ def _train_loop(run: Run) -> Path:
     run.network.train()
     clock = StepClock(acc.device)
 
-    def report(value: float | None, step: int) -> None:
+    def report(value: float | None, step: int, lrs: dict[str, float]) -> None:
         if value is None:
             return
         avg = average.add(value)
         bar.set_postfix(avr_loss=f"{avg:.4f}", refresh=False)
-        logger.log({"loss/current": value, "loss/average": avg, **_lr_values(run)}, step)
+        logger.log({"loss/current": value, "loss/average": avg, **lrs}, step)
+
+    # The reader hands a step's loss back one step late; its lrs (as kohya, the scheduler's values after that
+    # step) wait with it, so each logged point pairs a step's loss with that step's lrs.
+    held_lrs: dict[str, float] = {}
 
     while progress.global_step < run.max_train_steps and progress.epoch < run.num_epochs:
         epoch = progress.epoch
         sampler.set_epoch(epoch, progress.batch_in_epoch)
         pending, step_loss = 0, None
         for batch in loader:
+            batch = raise_if_failed(batch)  # a worker's UserError (e.g. a corrupt image), as one clean line
             loss = diffusion_loss(run.family, run.bundle, batch, run.step_options, acc.device, acc.autocast())
             acc.backward(loss / accum)
             step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
@@ -225,7 +233,8 @@ def _train_loop(run: Run) -> Path:
             progress.global_step += 1
             clock.tick()
             bar.update(1)
-            report(reader.push(step_loss / pending), progress.global_step - 1)
+            report(reader.push(step_loss / pending), progress.global_step - 1, held_lrs)
+            held_lrs = _lr_values(run)
             pending, step_loss = 0, None
             _after_step_saves(run, progress)
             if progress.global_step >= run.max_train_steps:
@@ -234,7 +243,7 @@ def _train_loop(run: Run) -> Path:
             progress.epoch += 1
             progress.batch_in_epoch = 0
             _after_epoch_saves(run, progress, epoch)
-    report(reader.pop(), progress.global_step)
+    report(reader.pop(), progress.global_step, held_lrs)
     clock.write()
     bar.close()
     logger.close()

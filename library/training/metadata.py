@@ -73,6 +73,7 @@ def training_metadata(
     resolution: tuple[int, int] | None,
     seed: int,
     optimizer_desc: str,
+    mixed_precision: str,
     num_batches_per_epoch: int,
     num_epochs: int,
     max_train_steps: int,
@@ -91,7 +92,7 @@ def training_metadata(
         "ss_base_model_version": info.base_model_version,
         "ss_clip_skip": config.clip_skip,
         "ss_max_token_length": config.max_token_length,
-        "ss_mixed_precision": config.mixed_precision,
+        "ss_mixed_precision": mixed_precision,  # what ran: fp16 falls back to "no" on CPU
         "ss_full_fp16": False,
         "ss_fp8_base": False,
         "ss_fp8_base_unet": False,
@@ -149,6 +150,7 @@ def training_metadata(
         md["ss_network_args"] = json.dumps(network_args)
     if config.dataset_config:
         md["ss_datasets"] = json.dumps(dataset.dataset_metadata())
+        md["ss_dataset_dirs"] = json.dumps(dataset.dataset_dirs())  # kohya writes it for configs too
     else:
         md.update(
             ss_batch_size_per_device=config.train_batch_size,

@@ -30,6 +30,16 @@ def _import_class(path: str, flag: str) -> type:
     return cls
 
 
+def optimizer_path_for(optimizer_type: str, device: torch.device) -> str:
+    """Dotted class path of the optimizer that will run on `device` (warns when it differs from the request)."""
+    path = optimizer_class_path(optimizer_type)
+    if path.startswith("bitsandbytes.") and device.type != "cuda":
+        # bitsandbytes' 8-bit states need CUDA; on CPU the same math in 32-bit keeps the run going.
+        log.warning("%s needs a CUDA GPU; using torch.optim.AdamW on %s instead", optimizer_type, device.type)
+        path = "torch.optim.AdamW"
+    return path
+
+
 def create_optimizer(
     optimizer_type: str,
     param_groups: list[dict],
@@ -37,11 +47,7 @@ def create_optimizer(
     optimizer_args: dict[str, Any],
     device: torch.device,
 ) -> torch.optim.Optimizer:
-    path = optimizer_class_path(optimizer_type)
-    if path.startswith("bitsandbytes.") and device.type != "cuda":
-        # bitsandbytes' 8-bit states need CUDA; on CPU the same math in 32-bit keeps the run going.
-        log.warning("%s needs a CUDA GPU; using torch.optim.AdamW on %s instead", optimizer_type, device.type)
-        path = "torch.optim.AdamW"
+    path = optimizer_path_for(optimizer_type, device)
     cls = _import_class(path, "--optimizer_type")
     try:
         return cls(param_groups, lr=lr, **optimizer_args)

@@ -105,10 +105,14 @@ def build_dataset(config: TrainConfig, family: ModelFamily, seed: int) -> Any:
 
 def make_accelerator(mixed_precision: str) -> Any:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         log.warning("--mixed_precision fp16 needs a CUDA GPU; training in float32 on CPU")
         mixed_precision = "no"
+    # accelerate keeps the first Accelerator's precision in a process-wide singleton and refuses another
+    # one; a later run in the same process (tests, a GUI) starts clean. The process group (PartialState) stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed_precision)
 
 

@@ -13,10 +13,10 @@ from library.errors import UserError
 from library.families.base import ModelFamily
 from library.training import run as R
 from library.training.metadata import training_metadata
-from library.training.optim import create_optimizer, create_scheduler, resolve_warmup
+from library.training.optim import create_optimizer, create_scheduler, optimizer_path_for, resolve_warmup
 from library.training.state import Progress, load_state
 from library.training.step import StepOptions
-from library.validate import optimizer_class_path, parse_key_values, parse_resolution
+from library.validate import parse_key_values, parse_resolution
 
 log = logging.getLogger("loratrain")
 
@@ -46,12 +46,23 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
     seed = R.pick_seed(config)
     log.info("seed: %d", seed)
 
-    # Everything that can fail without weights fails here.
-    dataset = R.build_dataset(config, family, seed)
+    # Everything that can fail without weights fails here, dataset and model problems in one report.
+    problems: list[str] = []
+    try:
+        dataset = R.build_dataset(config, family, seed)
+    except UserError as exc:
+        problems += exc.problems
+    try:
+        info = family.inspect(
+            Path(config.pretrained_model_name_or_path),
+            v2=config.v2,
+            v_parameterization=config.v_parameterization,
+        )
+    except UserError as exc:
+        problems += exc.problems
+    if problems:
+        raise UserError(*problems)
     print(dataset.plan_text(), flush=True)
-    info = family.inspect(
-        Path(config.pretrained_model_name_or_path), v2=config.v2, v_parameterization=config.v_parameterization
-    )
     accelerator = R.make_accelerator(config.mixed_precision)
     device = accelerator.device
     weight_dtype = R.weight_dtype_for(accelerator.mixed_precision)
@@ -83,7 +94,9 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
             "no parameters to train: every learning rate is 0 (check --unet_lr/--text_encoder_lr)"
         )
     opt_args, _ = parse_key_values(config.optimizer_args, "--optimizer_args")
-    optimizer = create_optimizer(config.optimizer_type, groups, config.learning_rate, opt_args, device)
+    # The metadata records what runs: AdamW8bit falls back to AdamW on CPU.
+    optimizer_path = optimizer_path_for(config.optimizer_type, device)
+    optimizer = create_optimizer(optimizer_path, groups, config.learning_rate, opt_args, device)
 
     batches_per_epoch = -(-dataset.num_batches_per_epoch // accelerator.num_processes)
     max_steps, num_epochs = R.train_steps_and_epochs(config, batches_per_epoch)
@@ -118,7 +131,7 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
         train_text_encoder=train_te,
         weight_dtype=weight_dtype,
     )
-    desc = optimizer_class_path(config.optimizer_type)
+    desc = optimizer_path
     if opt_args:
         desc += "(" + ",".join(f"{k}={v}" for k, v in opt_args.items()) + ")"
     metadata = training_metadata(
@@ -131,6 +144,7 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
         resolution=parse_resolution(config.resolution),
         seed=seed,
         optimizer_desc=desc,
+        mixed_precision=accelerator.mixed_precision,
         num_batches_per_epoch=batches_per_epoch,
         num_epochs=num_epochs,
         max_train_steps=max_steps,

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from library.errors import UserError
+
 STATE_FILE = "train_state.json"
 
 
@@ -98,8 +100,24 @@ def load_state(
     from safetensors.torch import load_file
 
     weights = load_file(str(folder / "network.safetensors"))
+    own = network.state_dict()
+    differ = sorted(own.keys() ^ weights.keys()) + sorted(
+        k for k in own.keys() & weights.keys() if own[k].shape != weights[k].shape
+    )
+    if differ:
+        raise UserError(
+            f"--resume: {folder} was saved for a different network ({len(differ)} tensors differ, e.g. "
+            f"{differ[0]}); use the same --network_dim, --network_args and --network_train_* flags as the run "
+            "that saved it"
+        )
     network.load_state_dict(weights, strict=True)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    try:
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    except ValueError as e:  # torch: "loaded state dict contains a parameter group that doesn't match ..."
+        raise UserError(
+            f"--resume: {folder / 'optimizer.pt'} does not fit this run ({e}); use the same --optimizer_type, "
+            "learning rates and --network_args as the run that saved it"
+        ) from None
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     if scaler is not None and (folder / "scaler.pt").exists():
         scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))

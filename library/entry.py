@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -24,7 +25,7 @@ def main(argv: list[str], *, prog: str, family: str, description: str) -> int:
         _close_progress_bars()
         print("interrupted; files already saved are kept", file=sys.stderr)
         return 130
-    if path is not None:
+    if path is not None and os.environ.get("RANK", "0") == "0":
         print(f"LoRA written to {path}")
     return 0
 

@@ -229,7 +229,12 @@ def validate(config: TrainConfig) -> list[str]:
             f"--lr_scheduler: unknown scheduler {config.lr_scheduler!r}{did_you_mean(config.lr_scheduler, set(LR_SCHEDULERS))}; "
             f"use one of {', '.join(LR_SCHEDULERS)}"
         )
-    problems.extend(parse_key_values(config.optimizer_args, "--optimizer_args")[1])
+    optimizer_args, arg_problems = parse_key_values(config.optimizer_args, "--optimizer_args")
+    problems.extend(arg_problems)
+    if not any(p.startswith("--optimizer_type") for p in problems):
+        from library.training.optim import check_optimizer
+
+        problems.extend(check_optimizer(opt, optimizer_args))
     _check_network(config, problems)
     if config.xformers and importlib.util.find_spec("xformers") is None:
         problems.append(

@@ -391,9 +391,9 @@ class DatasetGroup:
         """kohya ss_datasets entries, one per dataset."""
         return [plan.dataset_metadata(ds) for ds in self.datasets]
 
-    def dataset_dirs(self) -> dict[str, dict[str, int]]:
-        """kohya ss_dataset_dirs: training folders (reg excluded) -> n_repeats and img_count."""
-        return plan.dataset_dirs(self.datasets)
+    def dataset_dirs(self, *, reg: bool = False) -> dict[str, dict[str, int]]:
+        """kohya ss_dataset_dirs (training folders) or, with `reg`, ss_reg_dataset_dirs."""
+        return plan.dataset_dirs(self.datasets, reg=reg)
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
         """kohya ss_tag_frequency: per image folder name, tag counts of the raw captions."""

@@ -153,13 +153,13 @@ def tag_frequency(datasets: list[BuiltDataset]) -> dict[str, dict[str, int]]:
     return merged
 
 
-def dataset_dirs(datasets: list[BuiltDataset]) -> dict[str, dict[str, int]]:
-    """kohya's ss_dataset_dirs: folder name -> repeats and image count; reg folders are left out and
+def dataset_dirs(datasets: list[BuiltDataset], *, reg: bool = False) -> dict[str, dict[str, int]]:
+    """kohya's ss_dataset_dirs (or ss_reg_dataset_dirs with `reg`): folder name -> repeats and image count;
     repeated names get " (2)", " (3)" ... suffixes."""
     dirs: dict[str, dict[str, int]] = {}
     for ds in datasets:
         for index, subset in enumerate(ds.spec.subsets):
-            if subset.is_reg:
+            if subset.is_reg != reg:
                 continue
             name, n = subset.image_dir.name, 2
             while name in dirs:

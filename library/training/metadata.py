@@ -74,6 +74,7 @@ def training_metadata(
     seed: int,
     optimizer_desc: str,
     mixed_precision: str,
+    total_batch_size: int,
     num_batches_per_epoch: int,
     num_epochs: int,
     max_train_steps: int,
@@ -166,6 +167,8 @@ def training_metadata(
             ss_random_crop=config.random_crop,
             ss_bucket_info=json.dumps(dataset.bucket_info()),
             ss_dataset_dirs=json.dumps(dataset.dataset_dirs()),
+            ss_reg_dataset_dirs=json.dumps(dataset.dataset_dirs(reg=True)),
+            ss_total_batch_size=total_batch_size,
         )
     md["ss_tag_frequency"] = json.dumps(dataset.tag_frequency())
     out = {k: _s(v) for k, v in md.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import math
 from typing import Any
@@ -28,6 +29,30 @@ def _import_class(path: str, flag: str) -> type:
     if cls is None:
         raise UserError(f"{flag}: {module_name} has no class {class_name}")
     return cls
+
+
+def check_optimizer(optimizer_type: str, optimizer_args: dict[str, Any]) -> list[str]:
+    """Problems with --optimizer_type/--optimizer_args found without building anything (run before loading)."""
+    path = optimizer_class_path(optimizer_type)
+    if path.startswith("bitsandbytes."):
+        return []  # checked when built: bitsandbytes is slow to import and falls back to AdamW on CPU
+    try:
+        cls = _import_class(path, "--optimizer_type")
+    except UserError as exc:
+        return exc.problems
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    accepted = [name for name in params if name not in ("self", "params", "lr")]
+    unknown = [key for key in optimizer_args if key not in params]
+    if unknown:
+        return [
+            f"--optimizer_args: {path} does not accept {', '.join(unknown)}; it accepts {', '.join(accepted)}"
+        ]
+    return []
 
 
 def optimizer_path_for(optimizer_type: str, device: torch.device) -> str:

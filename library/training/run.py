@@ -204,11 +204,12 @@ def prepare(config: TrainConfig, family: ModelFamily) -> Run:
 
 def train(config: TrainConfig, family_name: str = "sd") -> Path | None:
     """Run training; returns the final LoRA path (None when only --output_config was written)."""
-    validate_or_raise(config)
     if config.output_config:
+        # kohya semantics: record the options and stop; nothing runs, so nothing else needs checking.
         write_output_config(config, Path(config.output_config))
         print(f"wrote resolved options to {config.output_config}")
         return None
+    validate_or_raise(config)
     from library.families import get_family
 
     family = get_family(family_name)
@@ -218,8 +219,14 @@ def train(config: TrainConfig, family_name: str = "sd") -> Path | None:
     return train_loop(run)
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a launch (accelerate/torchrun set RANK); usable before the Accelerator exists."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def configure_logging() -> None:
-    level = os.environ.get("LORATRAIN_LOG_LEVEL", "INFO").upper()
+    # Other ranks repeat rank 0's messages; they speak up only for warnings.
+    level = os.environ.get("LORATRAIN_LOG_LEVEL", "INFO" if is_main_process() else "WARNING").upper()
     logging.basicConfig(level=level, format="%(levelname)s %(message)s")
     for noisy in ("diffusers", "transformers", "accelerate", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

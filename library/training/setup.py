@@ -37,7 +37,11 @@ def _configure_model(
         bundle.unet.train()  # diffusers only checkpoints in train mode; the SD UNet has no dropout
         if train_te:
             for te in bundle.text_encoders:
-                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                # Non-reentrant: with a frozen base, reentrant checkpoints would drop the LoRA gradients.
+                if hasattr(te, "activation_checkpointing_enable"):  # transformers >= 5
+                    te.activation_checkpointing_enable({"use_reentrant": False})
+                else:
+                    te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 te.train()
 
 
@@ -62,7 +66,8 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
         problems += exc.problems
     if problems:
         raise UserError(*problems)
-    print(dataset.plan_text(), flush=True)
+    if R.is_main_process():
+        print(dataset.plan_text(), flush=True)
     accelerator = R.make_accelerator(config.mixed_precision)
     device = accelerator.device
     weight_dtype = R.weight_dtype_for(accelerator.mixed_precision)
@@ -145,6 +150,9 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
         seed=seed,
         optimizer_desc=desc,
         mixed_precision=accelerator.mixed_precision,
+        total_batch_size=config.train_batch_size
+        * accelerator.num_processes
+        * config.gradient_accumulation_steps,
         num_batches_per_epoch=batches_per_epoch,
         num_epochs=num_epochs,
         max_train_steps=max_steps,

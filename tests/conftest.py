@@ -58,3 +58,11 @@ def tiny_sd2_dir(tiny_sd2_files: TinyModelFiles) -> Path:
 def tiny_sd2_single_file(tiny_sd2_files: TinyModelFiles) -> TinySingleFile:
     assert tiny_sd2_files.single_file is not None
     return tiny_sd2_files.single_file
+
+
+@pytest.fixture
+def data2(tmp_path: Path) -> Path:
+    """2 images x 2 repeats = 4 items: 2 batches of 2 per epoch."""
+    from train_helpers import make_images
+
+    return make_images(tmp_path / "data", n=2)

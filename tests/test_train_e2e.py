@@ -10,71 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from library.entry import main
-
-ROOT = Path(__file__).resolve().parent.parent
-COLORS = [(220, 30, 30), (30, 200, 60), (40, 60, 220), (240, 200, 20)]
-
-
-def make_dreambooth_dataset(root: Path, n: int = 4, size: tuple[int, int] = (64, 64)) -> Path:
-    folder = root / "img" / "2_sks shape"
-    folder.mkdir(parents=True)
-    for i in range(n):
-        img = Image.new("RGB", size, COLORS[i % len(COLORS)])
-        for x in range(8 * (i + 1), 8 * (i + 1) + 16):
-            for y in range(16, 40):
-                img.putpixel((x % size[0], y), (255, 255, 255))
-        img.save(folder / f"img{i}.png")
-        (folder / f"img{i}.caption").write_text(f"sks shape, {['red', 'green', 'blue', 'yellow'][i % 4]}")
-    return root / "img"
-
-
-def base_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--pretrained_model_name_or_path",
-        str(model),
-        "--train_data_dir",
-        str(data),
-        "--resolution",
-        "64",
-        "--output_dir",
-        str(out),
-        "--output_name",
-        "e2e",
-        "--network_module",
-        "networks.lora",
-        "--network_dim",
-        "4",
-        "--network_alpha",
-        "2",
-        "--learning_rate",
-        "1e-3",
-        "--seed",
-        "7",
-        "--max_data_loader_n_workers",
-        "0",
-        "--train_batch_size",
-        "2",
-        *extra,
-    ]
-
-
-def run_main(argv: list[str]) -> int:
-    return main(argv, prog="train_network.py", family="sd", description="test")
+from train_helpers import ROOT, db_args, make_images, run_main, tb_scalars
 
 
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:
-    return make_dreambooth_dataset(tmp_path / "data")
+    return make_images(tmp_path / "data", n=4)
 
 
 def test_accelerate_launch_writes_kohya_lora(tiny_sd1_dir: Path, dataset: Path, tmp_path: Path):
     out = tmp_path / "out"
-    args = base_args(
+    args = db_args(
         tiny_sd1_dir,
         dataset,
         out,
@@ -86,6 +34,7 @@ def test_accelerate_launch_writes_kohya_lora(tiny_sd1_dir: Path, dataset: Path, 
         "--sdpa",
         "--save_precision",
         "fp16",
+        name="e2e",
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [
@@ -130,19 +79,10 @@ def test_accelerate_launch_writes_kohya_lora(tiny_sd1_dir: Path, dataset: Path, 
     assert json.loads(md["ss_tag_frequency"])
 
 
-def _tb_losses(logdir: Path) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    (run_dir,) = [p for p in logdir.iterdir() if p.is_dir()]
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
-    return [e.value for e in acc.Scalars("loss/current")]
-
-
 def test_loss_falls_on_overfit_run(tiny_sd1_dir: Path, tmp_path: Path):
-    data = make_dreambooth_dataset(tmp_path / "data", n=2)
+    data = make_images(tmp_path / "data", n=2)
     logs = tmp_path / "logs"
-    args = base_args(
+    args = db_args(
         tiny_sd1_dir,
         data,
         tmp_path / "out",
@@ -162,9 +102,10 @@ def test_loss_falls_on_overfit_run(tiny_sd1_dir: Path, tmp_path: Path):
         "16",
         "--network_alpha",
         "16",
+        name="e2e",
     )
     assert run_main(args) == 0
-    losses = _tb_losses(logs)
+    losses = [e.value for e in tb_scalars(logs, "loss/current")]
     assert len(losses) == 60
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.8 * first, (first, last)
@@ -173,16 +114,28 @@ def test_loss_falls_on_overfit_run(tiny_sd1_dir: Path, tmp_path: Path):
 def test_resume_continues_exactly(tiny_sd1_dir: Path, dataset: Path, tmp_path: Path):
     common = ["--cache_latents", "--lr_scheduler", "constant", "--save_state"]
     straight = tmp_path / "straight"
-    assert run_main(base_args(tiny_sd1_dir, dataset, straight, "--max_train_steps", "6", *common)) == 0
+    assert (
+        run_main(db_args(tiny_sd1_dir, dataset, straight, "--max_train_steps", "6", *common, name="e2e")) == 0
+    )
 
     split = tmp_path / "split"
-    assert run_main(base_args(tiny_sd1_dir, dataset, split, "--max_train_steps", "3", *common)) == 0
+    assert run_main(db_args(tiny_sd1_dir, dataset, split, "--max_train_steps", "3", *common, name="e2e")) == 0
     state = split / "e2e-state"
     progress = json.loads((state / "train_state.json").read_text())
     assert (progress["global_step"], progress["epoch"], progress["batch_in_epoch"]) == (3, 0, 3)
     assert (
         run_main(
-            base_args(tiny_sd1_dir, dataset, split, "--max_train_steps", "6", "--resume", str(state), *common)
+            db_args(
+                tiny_sd1_dir,
+                dataset,
+                split,
+                "--max_train_steps",
+                "6",
+                "--resume",
+                str(state),
+                *common,
+                name="e2e",
+            )
         )
         == 0
     )

@@ -72,6 +72,21 @@ class TrainConfig:
         None, "dataset", "DreamBooth-style folder of <repeats>_<class tokens> sub-folders"
     )
     reg_data_dir: str | None = flag(None, "dataset", "regularization images, same folder convention")
+    in_json: str | None = flag(
+        None,
+        "dataset",
+        "fine-tune metadata (.json or .jsonl, kohya's format): caption, tags and optional image_size per "
+        "image; relative image keys are looked up in --train_data_dir (default: the metadata file's folder)",
+    )
+    validation_split: float = flag(
+        0.0,
+        "dataset",
+        "share of each subset held out for validation, 0 <= x < 1 (kohya's split; never regularization "
+        "images); held-out images are never trained on",
+    )
+    validation_seed: int | None = flag(
+        None, "dataset", "seed that picks the validation images (default: --seed)"
+    )
     resolution: str | None = flag(None, "dataset", 'training resolution "512" or "512,768" (width,height)')
     train_batch_size: int = flag(1, "dataset", "batch size per device")
     enable_bucket: bool = flag(False, "dataset", "aspect-ratio bucketing")
@@ -84,8 +99,63 @@ class TrainConfig:
     shuffle_caption: bool = flag(False, "dataset", "shuffle comma-separated tags")
     caption_separator: str = flag(",", "dataset", "tag separator for shuffling")
     keep_tokens: int = flag(0, "dataset", "keep the first N tags in place when shuffling")
+    keep_tokens_separator: str = flag(
+        "",
+        "dataset",
+        'caption marker (e.g. "|||"): tags before it stay first and are never dropped; after a second one, last',
+    )
+    secondary_separator: str | None = flag(
+        None,
+        "dataset",
+        'tags joined by this (e.g. ";;;") shuffle and drop as one; it becomes --caption_separator',
+    )
+    enable_wildcard: bool = flag(
+        False, "dataset", "expand {a|b|c} in captions per step; multi-line captions: one line per step"
+    )
+    caption_prefix: str | None = flag(None, "dataset", "text put before every caption (with a space)")
+    caption_suffix: str | None = flag(None, "dataset", "text put after every caption (with a space)")
+    caption_dropout_rate: float = flag(0.0, "dataset", "probability of training a sample on an empty caption")
+    caption_dropout_every_n_epochs: int = flag(
+        0, "dataset", "train on empty captions every N-th epoch (0: never)"
+    )
+    caption_tag_dropout_rate: float = flag(
+        0.0, "dataset", "probability of dropping each tag not fixed by keep_tokens / keep_tokens_separator"
+    )
+    token_warmup_min: int = flag(1, "dataset", "tags used at the start of token warmup")
+    token_warmup_step: float = flag(
+        0.0,
+        "dataset",
+        "steps over which captions grow from token_warmup_min tags to all (below 1: fraction of the steps)",
+    )
     flip_aug: bool = flag(False, "dataset", "random horizontal flips (cached latents include flipped ones)")
-    random_crop: bool = flag(False, "dataset", "random instead of center crop (disables latent caching)")
+    random_crop: bool = flag(False, "dataset", "random instead of center crop (not with --cache_latents)")
+    color_aug: bool = flag(
+        False,
+        "dataset",
+        "weak colour augmentation: 1 in 3 samples get a small hue or gamma change (not with --cache_latents)",
+    )
+    face_crop_aug_range: str | None = flag(
+        None,
+        "dataset",
+        'face-centred crops for images named <name>_<cx>_<cy>_<w>_<h>: "lo,hi" = crop side / face size, '
+        "e.g. 2.0,4.0 (not with --cache_latents)",
+    )
+    resize_interpolation: str | None = flag(
+        None,
+        "dataset",
+        "resampling filter (default: area when shrinking, lanczos when enlarging)",
+        choices=[None, "lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area"],
+    )
+    alpha_mask: bool = flag(
+        False,
+        "dataset",
+        "use each image's alpha channel as a loss mask (images without alpha are trained fully)",
+    )
+    strict_dataset: bool = flag(
+        False,
+        "dataset",
+        "fail on unreadable, truncated or empty images instead of skipping them (they are listed in the plan)",
+    )
     dataset_repeats: int = flag(1, "dataset", "repeats for datasets that do not set num_repeats")
     prior_loss_weight: float = flag(1.0, "dataset", "loss weight of regularization images")
     cache_latents: bool = flag(False, "dataset", "encode images once and keep latents in RAM")
@@ -98,6 +168,16 @@ class TrainConfig:
     )
     max_data_loader_n_workers: int = flag(8, "dataset", "DataLoader worker processes (capped at CPU count)")
     persistent_data_loader_workers: bool = flag(False, "dataset", "keep DataLoader workers between epochs")
+    debug_dataset: bool = flag(
+        False,
+        "dataset",
+        "print each sample's image and final caption and save the actual training crops as PNG files, "
+        "then exit without training (no weights are loaded)",
+    )
+    debug_dataset_dir: str | None = flag(
+        None, "dataset", "folder for the --debug_dataset previews (default: <output_dir>/debug_dataset)"
+    )
+    debug_dataset_epochs: int = flag(1, "dataset", "epochs --debug_dataset goes through")
     # --- network
     network_module: str = flag(
         "networks.lora", "network", "network module to train (networks.lora, or a third-party module)"
@@ -133,6 +213,12 @@ class TrainConfig:
         None, "training", "random seed (random when unset; the chosen seed is printed and saved)"
     )
     max_grad_norm: float = flag(1.0, "training", "gradient clipping norm (0 disables)")
+    masked_loss: bool = flag(
+        False,
+        "training",
+        "weight the loss by a mask: each subset's conditioning_data_dir (mask images, R channel; white = "
+        "train) or --alpha_mask / alpha_mask = true",
+    )
     clip_skip: int | None = flag(
         None, "training", "use the output of the N-th last text-encoder layer (2 = penultimate)"
     )
@@ -141,6 +227,12 @@ class TrainConfig:
     )
     min_timestep: int | None = flag(None, "training", "lowest sampled timestep (default 0)")
     max_timestep: int | None = flag(None, "training", "highest sampled timestep, exclusive (default 1000)")
+    dry_run: bool = flag(
+        False,
+        "training",
+        "check options and datasets, print the plan (buckets, validation split, steps, latent caches) and "
+        "exit; reads image headers only and loads no weights",
+    )
     # --- optimizer
     optimizer_type: str = flag(
         "AdamW", "optimizer", "AdamW, AdamW8bit, or any dotted class path (torch.optim.SGD)"

@@ -126,6 +126,33 @@ def _check_existing_outputs(config: TrainConfig, problems: list[str]) -> None:
         )
 
 
+def _check_dataset_source(config: TrainConfig, problems: list[str]) -> None:
+    if not (config.dataset_config or config.train_data_dir or config.in_json):
+        problems.append(
+            "no dataset: pass --dataset_config FILE.toml, --train_data_dir FOLDER or --in_json METADATA.json"
+        )
+    _exists(config.dataset_config, "--dataset_config", problems, kind="file")
+    if not config.dataset_config:
+        _exists(config.train_data_dir, "--train_data_dir", problems, kind="folder")
+        _exists(config.reg_data_dir, "--reg_data_dir", problems, kind="folder")
+        _exists(config.in_json, "--in_json", problems, kind="file")
+        if config.in_json and config.reg_data_dir:
+            problems.append(
+                "--reg_data_dir cannot be used with --in_json (fine-tune datasets have no regularization "
+                "images); remove it, or use a --dataset_config with a DreamBooth dataset for them"
+            )
+        source = "--in_json" if config.in_json else "--train_data_dir"
+        if (config.train_data_dir or config.in_json) and config.resolution is None:
+            problems.append(f"--resolution is required with {source} (e.g. --resolution 512)")
+    if not 0 <= config.validation_split < 1:
+        problems.append(
+            f"--validation_split must be at least 0 and below 1 (the share held out), "
+            f"got {config.validation_split}"
+        )
+    if config.debug_dataset_epochs < 1:
+        problems.append(f"--debug_dataset_epochs must be positive, got {config.debug_dataset_epochs}")
+
+
 def validate(config: TrainConfig) -> list[str]:
     """Every problem found, one line each. Empty list = fine."""
     problems: list[str] = []
@@ -147,16 +174,15 @@ def validate(config: TrainConfig) -> list[str]:
         problems.append(f"--output_dir: {config.output_dir} is a file, not a folder")
     if config.output_name is not None and any(c in config.output_name for c in "/\\"):
         problems.append(f"--output_name must be a file name without folders, got {config.output_name!r}")
-    if not config.dataset_config and not config.train_data_dir:
-        problems.append("no dataset: pass --dataset_config FILE.toml or --train_data_dir FOLDER")
-    _exists(config.dataset_config, "--dataset_config", problems, kind="file")
-    if not config.dataset_config:
-        _exists(config.train_data_dir, "--train_data_dir", problems, kind="folder")
-        _exists(config.reg_data_dir, "--reg_data_dir", problems, kind="folder")
-        if config.train_data_dir and config.resolution is None:
-            problems.append("--resolution is required with --train_data_dir (e.g. --resolution 512)")
+    _check_dataset_source(config, problems)
     try:
         parse_resolution(config.resolution)
+    except UserError as exc:
+        problems.extend(exc.problems)
+    try:
+        from library.data.augment import parse_face_crop_range
+
+        parse_face_crop_range(config.face_crop_aug_range)
     except UserError as exc:
         problems.extend(exc.problems)
     for flag_name in ("vae", "tokenizer_path", "network_weights", "config_file"):

@@ -86,6 +86,18 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:60])
 
 
+def damage(path: Path) -> str:
+    """Flip bytes inside the compressed pixels; header and end stay intact, so only decoding finds it.
+    Returns PIL's message for it."""
+    data = bytearray(path.read_bytes())
+    for k in range(len(data) // 2, len(data) // 2 + 8):
+        data[k] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(OSError) as info, Image.open(path) as image:
+        image.load()
+    return str(info.value)
+
+
 # ------------------------------------------------------------------------------------ missing paths
 
 
@@ -216,17 +228,47 @@ def test_folder_name_without_repeats(
     ]
 
 
-def test_file_that_is_not_an_image(
+def test_unreadable_images_with_strict_dataset(
     tiny_sd1_dir: Path, data: Path, tmp_path: Path, capsys, no_weights
 ) -> None:
-    bad = data / "2_sks shape" / "img1.png"
-    bad.write_bytes(b"not a png at all")
-    assert run_errors(base_args(tiny_sd1_dir, data, tmp_path / "out"), capsys) == [
-        f"cannot read image {bad}: unknown or corrupt image format; fix or remove the file"
+    """With --strict_dataset, empty, unknown and truncated files are errors found by the scan (the truncated
+    one has a readable header: its missing end gives it away), all reported before any weights load."""
+    empty, unknown, cut = (data / "2_sks shape" / f"img{i}.png" for i in range(3))
+    empty.write_bytes(b"")
+    unknown.write_bytes(b"not a png at all")
+    truncate(cut)
+    argv = base_args(tiny_sd1_dir, data, tmp_path / "out", "--strict_dataset")
+    assert run_errors(argv, capsys) == [
+        f"cannot read image {empty}: empty file (0 bytes); fix or remove the file",
+        f"cannot read image {unknown}: unknown or corrupt image format; fix or remove the file",
+        f"cannot read image {cut}: image file is truncated; fix or remove the file",
     ]
 
 
-@pytest.mark.parametrize(
+def test_unreadable_images_are_skipped_and_listed(
+    tiny_sd1_dir: Path, data: Path, tmp_path: Path, capsys
+) -> None:
+    folder = data / "2_sks shape"
+    empty, unknown, cut = (folder / f"img{i}.png" for i in range(3))
+    empty.write_bytes(b"")
+    unknown.write_bytes(b"not a png at all")
+    truncate(cut)
+    assert main(base_args(tiny_sd1_dir, data, tmp_path / "out"), prog="t", family="sd", description="t") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert (
+        f"  WARNING: {folder}: 3 unreadable image(s) skipped (listed below); --strict_dataset makes this an error"
+        in out
+    )
+    start = out.index("Skipped images (3):")
+    assert out[start + 1 : start + 4] == [
+        f"  {empty}: unreadable (empty file (0 bytes))",
+        f"  {unknown}: unreadable (unknown or corrupt image format)",
+        f"  {cut}: unreadable (image file is truncated)",
+    ]
+    assert (tmp_path / "out" / "e2e.safetensors").is_file()
+
+
+LOADING = pytest.mark.parametrize(
     "loading",
     [
         ["--cache_latents"],  # found while caching latents, before training
@@ -235,22 +277,49 @@ def test_file_that_is_not_an_image(
     ],
     ids=["cache_latents", "workers0", "workers1"],
 )
-def test_truncated_image_found_at_load_time(
+
+
+@LOADING
+def test_damaged_image_found_at_load_time_with_strict_dataset(
     loading: list[str], tiny_sd1_dir: Path, data: Path, tmp_path: Path, capsys
 ) -> None:
-    """The header reads fine, so the scan cannot tell; decoding fails after the weights are loaded. The error is
-    still one line naming the file, and an existing final LoRA (--overwrite) is left as it was."""
+    """Header and end are intact, so the scan cannot tell; decoding fails after the weights are loaded. The
+    error is still one line naming the file, and an existing final LoRA (--overwrite) is left as it was."""
     bad = data / "2_sks shape" / "img2.png"
-    truncate(bad)
+    reason = damage(bad)
     final = tmp_path / "out" / "e2e.safetensors"
     final.parent.mkdir()
     final.write_bytes(EARLIER)
     # One batch of all 8 items (4 images x 2 repeats): the first batch is sure to meet the broken image.
-    argv = base_args(tiny_sd1_dir, data, final.parent, "--train_batch_size", "8", "--overwrite", *loading)
-    assert run_errors(argv, capsys) == [
-        f"cannot read image {bad}: image file is truncated; fix or remove the file"
-    ]
+    argv = base_args(
+        tiny_sd1_dir,
+        data,
+        final.parent,
+        "--train_batch_size",
+        "8",
+        "--overwrite",
+        "--strict_dataset",
+        *loading,
+    )
+    assert run_errors(argv, capsys) == [f"cannot read image {bad}: {reason}; fix or remove the file"]
     assert final.read_bytes() == EARLIER
+
+
+@LOADING
+def test_damaged_image_found_at_load_time_is_replaced(
+    loading: list[str], tiny_sd1_dir: Path, data: Path, tmp_path: Path, caplog
+) -> None:
+    """Without --strict_dataset the batch takes another image of the bucket and training finishes."""
+    bad = data / "2_sks shape" / "img2.png"
+    reason = damage(bad)
+    argv = base_args(tiny_sd1_dir, data, tmp_path / "out", "--train_batch_size", "8", *loading)
+    assert main(argv, prog="train_network.py", family="sd", description="t") == 0
+    assert (tmp_path / "out" / "e2e.safetensors").is_file()
+    if loading != ["--max_data_loader_n_workers", "1"]:  # a worker process logs where caplog cannot see
+        (warning,) = [
+            r.getMessage() for r in caplog.records if r.levelname == "WARNING" and str(bad) in r.getMessage()
+        ]
+        assert warning.startswith(f"cannot read image {bad}: {reason}")
 
 
 # ----------------------------------------------------------------------------------- config files
@@ -321,10 +390,10 @@ def test_dataset_and_model_problems_in_one_run(
     (data / "1_empty").mkdir()
     bad = data / "2_sks shape" / "img0.png"
     bad.write_bytes(b"")
-    assert run_errors(base_args(model, data, tmp_path / "out"), capsys) == [
+    assert run_errors(base_args(model, data, tmp_path / "out", "--strict_dataset"), capsys) == [
         f"no images in {data / '1_empty'} (looked for .png .jpg .jpeg .webp .bmp; sub-folders are not "
         "searched); add images or remove this folder from the dataset",
-        f"cannot read image {bad}: unknown or corrupt image format; fix or remove the file",
+        f"cannot read image {bad}: empty file (0 bytes); fix or remove the file",
         f"--pretrained_model_name_or_path: {model} is missing vae/config.json, "
         f"vae/diffusion_pytorch_model.safetensors; {FOLDER_CONTENTS}",
     ]

@@ -33,6 +33,8 @@ def make_group(root: Path, *, flip_aug: bool = False, random_crop: bool = False,
     image_dir.mkdir(parents=True, exist_ok=True)
     sizes = {"wide": (192, 64), "square": (128, 128), "tall": (64, 200)}
     for name, size in sizes.items():
+        if (image_dir / f"{name}.png").exists():
+            continue  # rewriting would change the mtime, which (rightly) invalidates disk caches
         image = Image.new("RGB", size, (200, 30, 30))
         image.paste((20, 20, 220), (0, 0, size[0] // 3, size[1]))  # asymmetric, so flips differ
         image.save(image_dir / f"{name}.png")
@@ -51,7 +53,16 @@ def test_disk_cache_kohya_names_keys_and_reuse(tmp_path: Path) -> None:
     names = sorted(p.name for p in (tmp_path / "img").glob("*.npz"))
     assert names == ["square_0128x0128_sd.npz", "tall_0064x0200_sd.npz", "wide_0192x0064_sd.npz"]
     with np.load(tmp_path / "img" / "wide_0192x0064_sd.npz") as npz:
-        assert sorted(npz.files) == ["cache_id", "crop_ltrb", "latents", "original_size"]
+        assert sorted(npz.files) == [
+            "bucket_reso",
+            "cache_id",
+            "crop_ltrb",
+            "image_file",
+            "latents",
+            "original_size",
+            "pixel_crop",
+            "resize_interpolation",
+        ]
         assert npz["latents"].shape == (4, 8, 24) and npz["latents"].dtype == np.float32
         assert npz["original_size"].tolist() == [192, 64]
         assert npz["crop_ltrb"].tolist() == [0.0, 0.0, 192.0, 64.0]

@@ -133,7 +133,7 @@ def test_all_problems_reported_at_once(tmp_path: Path) -> None:
 [general]
 num_repeat = 3
 shuffle_caption = "yes"
-color_aug = true
+resize_interpolation = "cubicc"
 image_dir = "a"
 batch_size = 0
 
@@ -148,7 +148,8 @@ resolution = [512]
     assert problems == [
         f'{cfg}: general.num_repeat is not a known key (did you mean "num_repeats"?)',
         f'{cfg}: general.shuffle_caption must be true or false, got "yes"',
-        f"{cfg}: general.color_aug is not supported yet (only color_aug = false is accepted for now); remove it",
+        f"{cfg}: general.resize_interpolation must be one of lanczos, nearest, bilinear, linear, bicubic, cubic, "
+        'area, got "cubicc"',
         f"{cfg}: general.image_dir is not allowed in [general]; put it in [[datasets.subsets]]",
         f"{cfg}: general.batch_size must be >= 1, got 0",
         f"{cfg}: datasets[0].resolution must be a positive integer or [width, height], got [512]",
@@ -174,10 +175,10 @@ enable_wildcard = false
 """,
     )
     assert len(load_dataset_blueprint(cfg, DatasetDefaults(resolution=(512, 512)))) == 1
-    write(cfg, cfg.read_text() + "  caption_dropout_rate = 0.1\n")
+    write(cfg, cfg.read_text() + "  network_multiplier = 0.5\n")
     assert errors_of(cfg) == [
-        f"{cfg}: datasets[0].subsets[0].caption_dropout_rate is not supported yet "
-        "(only caption_dropout_rate = 0 is accepted for now); remove it"
+        f"{cfg}: datasets[0].subsets[0].network_multiplier is not supported yet "
+        "(only network_multiplier = 1 is accepted for now); remove it"
     ]
 
 

@@ -137,8 +137,11 @@ def test_scan_errors(tmp_path: Path) -> None:
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"garbage")
     png(tmp_path / "bad" / "y.png", 64, 64)
-    with pytest.raises(UserError) as info:  # an unreadable image is an error, not a skip
-        build_dataset_group([dataset(subset(tmp_path / "bad"))], seed=0)
+    ds = build_dataset_group([dataset(subset(tmp_path / "bad"))], seed=0).datasets[0]
+    assert [i.path.name for i in ds.items] == ["y.png"]  # an unreadable image is skipped and listed
+    assert ds.skipped == [(tmp_path / "bad" / "x.png", "unreadable (unknown or corrupt image format)")]
+    with pytest.raises(UserError) as info:  # and with strict_dataset an error
+        build_dataset_group([dataset(subset(tmp_path / "bad"))], seed=0, strict_dataset=True)
     assert info.value.problems == [
         f"cannot read image {tmp_path / 'bad' / 'x.png'}: unknown or corrupt image format; fix or remove the file"
     ]
@@ -273,6 +276,11 @@ def test_multiple_datasets_and_metadata(tmp_path: Path) -> None:
         "enable_wildcard": False,
         "caption_prefix": None,
         "caption_suffix": None,
+        "caption_dropout_rate": 0.0,
+        "caption_dropout_every_n_epochs": 0,
+        "caption_tag_dropout_rate": 0.0,
+        "token_warmup_min": 1,
+        "token_warmup_step": 0.0,
         "image_dir": "a",
         "class_tokens": None,
         "is_reg": False,
@@ -294,5 +302,6 @@ def test_unreadable_image_at_load_time_names_the_file(tmp_path: Path) -> None:
     path = png(tmp_path / "t" / "x.png", 64, 64)
     group = build_dataset_group([dataset(subset(tmp_path / "t"), resolution=(64, 64))], seed=0)
     path.write_bytes(path.read_bytes()[:60])  # truncated after the header was read
-    with pytest.raises(UserError, match=f"cannot read image {re.escape(str(path))}"):
+    group.strict = True  # (without it the batch would use another image; here there is none)
+    with pytest.raises(UserError, match=f"cannot read image {re.escape(str(path))}: image file is truncated"):
         group.load_batch(0, 0)

@@ -4,7 +4,7 @@ Nothing here imports a model family; the latent cache takes an encoder callable 
 """
 
 from library.data.bucketing import BucketAssignment, BucketSelector, make_bucket_resolutions
-from library.data.captions import process_caption, read_caption
+from library.data.captions import CaptionOptions, process_caption, read_caption
 from library.data.dataset import (
     DatasetGroup,
     EpochBatchDataset,
@@ -25,6 +25,7 @@ __all__ = [
     "BucketAssignment",
     "BucketSelector",
     "CacheReport",
+    "CaptionOptions",
     "DatasetDefaults",
     "DatasetGroup",
     "DatasetSpec",

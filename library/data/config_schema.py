@@ -13,13 +13,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+from library.data.augment import INTERPOLATIONS
 from library.errors import UserError, did_you_mean
 
 _ALL = ("general", "dataset", "subset")
 _UPPER = ("general", "dataset")
 _SUBSET = ("subset",)
 
-# key -> (type, levels). Types: int, bool, str, resolution (int or [w, h]).
+# key -> (type, levels). Types: int, bool, str, float (any number), resolution (int or [w, h]).
 KEYS: dict[str, tuple[str, tuple[str, ...]]] = {
     "resolution": ("resolution", _UPPER),
     "batch_size": ("int", _UPPER),
@@ -36,10 +37,26 @@ KEYS: dict[str, tuple[str, tuple[str, ...]]] = {
     "keep_tokens": ("int", _ALL),
     "caption_prefix": ("str", _ALL),
     "caption_suffix": ("str", _ALL),
+    "keep_tokens_separator": ("str", _ALL),
+    "secondary_separator": ("str", _ALL),
+    "enable_wildcard": ("bool", _ALL),
+    "caption_dropout_rate": ("float", _ALL),
+    "caption_dropout_every_n_epochs": ("int", _ALL),
+    "caption_tag_dropout_rate": ("float", _ALL),
+    "token_warmup_min": ("int", _ALL),
+    "token_warmup_step": ("float", _ALL),
     "flip_aug": ("bool", _ALL),
     "random_crop": ("bool", _ALL),
+    "color_aug": ("bool", _ALL),
+    "face_crop_aug_range": ("face_range", _ALL),
+    "resize_interpolation": ("interpolation", _ALL),
+    "alpha_mask": ("bool", _SUBSET),
+    "conditioning_data_dir": ("str", _SUBSET),
     "image_dir": ("str", _SUBSET),
     "is_reg": ("bool", _SUBSET),
+    "metadata_file": ("str", _SUBSET),
+    "validation_split": ("float", _UPPER),
+    "validation_seed": ("int", _UPPER),
 }
 ALIASES = {"caption_extention": "caption_extension"}  # kohya's legacy misspelling
 _MINIMUM = {
@@ -49,30 +66,20 @@ _MINIMUM = {
     "bucket_reso_steps": 1,
     "min_bucket_reso": 1,
     "max_bucket_reso": 1,
+    "caption_dropout_rate": 0,
+    "caption_dropout_every_n_epochs": 0,
+    "caption_tag_dropout_rate": 0,
+    "token_warmup_min": 0,
+    "token_warmup_step": 0,
 }
-_NON_EMPTY = {"caption_extension", "caption_separator", "image_dir"}
+_MAXIMUM = {"caption_dropout_rate": 1, "caption_tag_dropout_rate": 1}
+_NON_EMPTY = {"caption_extension", "caption_separator", "image_dir", "metadata_file", "conditioning_data_dir"}
 _ANY = object()
 # kohya keys not implemented yet -> values that change nothing (accepted), or _ANY.
 NOT_YET: dict[str, tuple[Any, ...]] = {
-    "validation_split": (0, 0.0),
-    "validation_seed": (_ANY,),  # only used together with validation_split
     "network_multiplier": (1, 1.0),
-    "resize_interpolation": (),
-    "color_aug": (False,),
-    "face_crop_aug_range": (),
-    "keep_tokens_separator": ("",),
-    "secondary_separator": ("",),
-    "enable_wildcard": (False,),
-    "token_warmup_min": (1,),
-    "token_warmup_step": (0, 0.0),
-    "caption_dropout_rate": (0, 0.0),
-    "caption_dropout_every_n_epochs": (0,),
-    "caption_tag_dropout_rate": (0, 0.0),
     "custom_attributes": ({},),
     "cache_info": (False,),
-    "alpha_mask": (False,),
-    "metadata_file": (),
-    "conditioning_data_dir": (),
 }
 _STRUCTURE = {"top": ("general", "datasets"), "dataset": ("subsets",)}
 _LEVEL_NAMES = {"general": "[general]", "dataset": "[[datasets]]", "subset": "[[datasets.subsets]]"}
@@ -80,7 +87,10 @@ _EXPECTED = {
     "int": "an integer",
     "bool": "true or false",
     "str": "a string",
+    "float": "a number",
     "resolution": "a positive integer or [width, height]",
+    "face_range": "[lo, hi] with 0 < lo <= hi (crop side / face size, e.g. [2.0, 4.0])",
+    "interpolation": f"one of {', '.join(INTERPOLATIONS)}",
 }
 
 
@@ -126,6 +136,15 @@ def _convert(kind: str, value: Any) -> Any:
         return value
     if kind == "str" and isinstance(value, str):
         return value
+    if kind == "float" and (is_int or isinstance(value, float)):
+        return float(value)
+    if kind == "interpolation" and isinstance(value, str) and value in INTERPOLATIONS:
+        return value
+    numbers = isinstance(value, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    )
+    if kind == "face_range" and numbers and len(value) == 2 and 0 < value[0] <= value[1]:
+        return (float(value[0]), float(value[1]))
     if kind == "resolution":
         if is_int and value > 0:
             return (value, value)
@@ -147,6 +166,14 @@ def _check_value(key: str, value: Any, path: str, problems: ConfigProblems) -> t
         return False, None
     if key in _MINIMUM and converted < _MINIMUM[key]:
         problems.add(path, f"must be >= {_MINIMUM[key]}, got {converted}")
+        return False, None
+    if key in _MAXIMUM and converted > _MAXIMUM[key]:
+        problems.add(path, f"must be <= {_MAXIMUM[key]}, got {converted}")
+        return False, None
+    if key == "validation_split" and not 0 <= converted < 1:
+        problems.add(
+            path, f"must be at least 0 and below 1 (the share of each subset held out), got {converted}"
+        )
         return False, None
     if key in _NON_EMPTY and not converted:
         problems.add(path, "must not be empty")

@@ -6,7 +6,10 @@ can be rebuilt anywhere (a DataLoader worker, a resumed run) from its position a
 * `batch_order(epoch)` shuffles the batch slots of all datasets together (kohya shuffles the concatenated
   datasets the same way through its DataLoader);
 * each bucket's members (images x repeats) are reshuffled every epoch, so batch composition changes too;
-* flips, random crops and caption shuffles use a generator seeded from (seed, epoch, step).
+* flips and random crops use a generator seeded from (seed, epoch, step); the caption pipeline (dropout,
+  wildcards, shuffle, tag dropout) has its own, so toggling an augmentation does not change captions;
+* token warmup and caption dropout per epoch need the training position: `set_training_steps` tells the
+  group how batch positions map to optimizer steps (call it before DataLoader workers copy the group).
 
 Counts follow kohya's metadata meaning: `num_train_images` and `num_reg_images` include repeats, and the reg
 count is taken before balancing.
@@ -21,15 +24,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from library.data import plan
 from library.data.bucketing import BucketAssignment, BucketSelector, ImageTooSmallError, kohya_crop_ltrb
-from library.data.captions import count_tags, process_caption, read_caption
+from library.data.captions import (
+    StepSchedule,
+    caption_extension_warning,
+    count_tags,
+    process_caption,
+    read_caption,
+)
 from library.data.dataset_config import DatasetSpec, SubsetSpec
-from library.data.images import IMAGE_EXTENSIONS, list_image_files, load_image_tensor, read_image_size
-from library.data.latent_npz import read_latents
+from library.data.finetune import scan_metadata_subset
+from library.data.images import IMAGE_EXTENSIONS, list_image_files
+from library.data.samples import ScanChecks, load_or_replace, stack_masks
+from library.data.validation_split import split_train_validation
 from library.errors import UserError
 
 
@@ -48,6 +58,10 @@ class ImageItem:
     latents_flipped: torch.Tensor | None = None
     latents_npz: Path | None = None
     latents_cache_id: str | None = None
+    mask_path: Path | None = None  # its mask image (conditioning_data_dir), for --masked_loss
+    cached_mask: torch.Tensor | None = None  # uint8 [H, W], kept with RAM latents
+    unusable: str | None = None  # why it failed to decode after the scan; batches then use another image
+    tags: str | None = None  # fine-tune metadata tags; kohya's tag frequency counts only these
 
     @property
     def bucket(self) -> tuple[int, int]:
@@ -62,7 +76,8 @@ class ImageItem:
 class BuiltDataset:
     """A dataset after scanning: items, buckets (resolution -> item indices with repeats) and a report.
 
-    `subset_image_counts` are the usable images per subset (kohya's img_count), before reg balancing.
+    `subset_image_counts` are the usable images per subset (kohya's img_count), before reg balancing and
+    without the validation images, which are kept apart in `validation_items` (one repeat each).
     """
 
     spec: DatasetSpec
@@ -74,12 +89,12 @@ class BuiltDataset:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
+    validation_items: list[ImageItem] = field(default_factory=list)  # held out: never trained on
+    validation_image_counts: list[int] = field(default_factory=list)  # per subset
+    warnings: list[str] = field(default_factory=list)  # printed in the plan; training still runs
 
     def subset(self, item: ImageItem) -> SubsetSpec:
         return self.spec.subsets[item.subset_index]
-
-
-_MAX_LISTED = 5  # unreadable images named one per line; the rest are counted
 
 
 def _caption_fix_hint(image: Path, subset: SubsetSpec) -> str:
@@ -96,50 +111,59 @@ def _caption_fix_hint(image: Path, subset: SubsetSpec) -> str:
 
 
 def _scan_subset(
-    subset: SubsetSpec, index: int, selector: BucketSelector, built: BuiltDataset, problems: list[str]
+    subset: SubsetSpec,
+    index: int,
+    selector: BucketSelector,
+    built: BuiltDataset,
+    problems: list[str],
+    *,
+    strict: bool = False,
 ) -> list[ImageItem]:
+    checks = ScanChecks(subset, built.skipped, strict=strict)  # readable? complete? its mask?
+    if subset.metadata_file is not None:
+        scanned = scan_metadata_subset(subset, selector, built.skipped, problems, checks=checks)
+        problems.extend(checks.problems())
+        built.warnings.extend(checks.warnings())
+        return [
+            ImageItem(s.path, s.caption, index, False, subset.num_repeats, s.size, s.assignment, tags=s.tags)
+            for s in scanned
+        ]
     files = list_image_files(subset.image_dir)
     if not files:
-        built.subset_image_counts.append(0)
         problems.append(
             f"no images in {subset.image_dir} (looked for {' '.join(IMAGE_EXTENSIONS)}; sub-folders are not "
             "searched); add images or remove this folder from the dataset"
         )
         return []
-    items, uncaptioned, unreadable = [], [], []
+    items, uncaptioned, with_file = [], [], 0
     for path in files:
-        try:
-            size = read_image_size(path)
-        except UnidentifiedImageError:
-            unreadable.append(
-                f"cannot read image {path}: unknown or corrupt image format; fix or remove the file"
-            )
+        checked = checks.check(path)
+        if checked is None:
             continue
-        except Exception as e:  # any decoder failure means the same thing: this file cannot be used
-            unreadable.append(f"cannot read image {path} ({type(e).__name__}: {e}); fix or remove the file")
-            continue
+        size, mask_path = checked
         try:
             assignment = selector.select(*size)
         except ImageTooSmallError as e:
             built.skipped.append((path, str(e)))
             continue
         try:
-            caption = read_caption(path, subset.caption_extension)
+            caption = read_caption(path, subset.caption_extension, all_lines=subset.enable_wildcard)
         except UserError as e:
             problems.extend(e.problems)
             continue
+        with_file += caption is not None
         if caption is None:
             caption = subset.class_tokens
         if caption is None:
             uncaptioned.append(path)
             continue
-        items.append(ImageItem(path, caption, index, subset.is_reg, subset.num_repeats, size, assignment))
-    # An unreadable file is an error, not a skip: the user meant to train on it (kohya fails on it too).
-    problems.extend(unreadable[:_MAX_LISTED])
-    if len(unreadable) > _MAX_LISTED:
-        problems.append(
-            f"{len(unreadable) - _MAX_LISTED} more unreadable images in {subset.image_dir}; fix or remove them"
+        items.append(
+            ImageItem(
+                path, caption, index, subset.is_reg, subset.num_repeats, size, assignment, mask_path=mask_path
+            )
         )
+    problems.extend(checks.problems())
+    built.warnings.extend(checks.warnings())
     if uncaptioned:
         names = ", ".join(p.name for p in uncaptioned[:3]) + (" ..." if len(uncaptioned) > 3 else "")
         problems.append(
@@ -147,11 +171,41 @@ def _scan_subset(
             f"({subset.caption_extension}) and the folder has no class_tokens: {names}"
             + _caption_fix_hint(uncaptioned[0], subset)
         )
-    built.subset_image_counts.append(len(items))
-    tags = built.tag_frequency.setdefault(subset.image_dir.name, {})
-    for tag, count in count_tags(item.caption for item in items).items():
-        tags[tag] = tags.get(tag, 0) + count
+    if items and not with_file:
+        warning = caption_extension_warning(files, subset.caption_extension, subset.class_tokens)
+        if warning:
+            built.warnings.append(f"{subset.image_dir}: {warning}")
     return items
+
+
+def _split_subset(
+    spec: DatasetSpec, subset: SubsetSpec, items: list[ImageItem], built: BuiltDataset, seed: int
+) -> list[ImageItem]:
+    """The training part of a subset; its validation part (never of a reg subset) goes to `built`."""
+    split = 0.0 if subset.is_reg else spec.validation_split
+    train, held = split_train_validation(
+        items, split, spec.validation_seed if spec.validation_seed is not None else seed
+    )
+    for item in held:
+        item.num_repeats = 1  # kohya: repeats do not apply to validation
+    built.validation_items += held
+    built.subset_image_counts.append(len(train))
+    built.validation_image_counts.append(len(held))
+    # kohya counts a folder's captions under its name, but only a metadata file's tags under the file name.
+    name = (subset.metadata_file or subset.image_dir).name
+    texts = [i.tags or "" for i in train] if subset.metadata_file else [i.caption for i in train]
+    tags = built.tag_frequency.setdefault(name, {})
+    for tag, count in count_tags(texts).items():
+        tags[tag] = tags.get(tag, 0) + count
+    return train
+
+
+def _buckets(items: list[ImageItem]) -> list[tuple[tuple[int, int], list[int]]]:
+    """Bucket resolution -> item indices, each index once per repeat."""
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for index, item in enumerate(items):
+        by_bucket.setdefault(item.bucket, []).extend([index] * item.num_repeats)
+    return sorted(by_bucket.items())
 
 
 def _balance_reg(reg: list[ImageItem], built: BuiltDataset) -> list[ImageItem]:
@@ -197,7 +251,15 @@ def _check_latent_grid(spec: DatasetSpec, where: str, latent_downscale: int, pro
         )
 
 
-def _build_dataset(spec: DatasetSpec, where: str, latent_downscale: int, problems: list[str]) -> BuiltDataset:
+def _build_dataset(
+    spec: DatasetSpec,
+    where: str,
+    latent_downscale: int,
+    seed: int,
+    problems: list[str],
+    *,
+    strict: bool = False,
+) -> BuiltDataset:
     selector = BucketSelector(
         spec.resolution,
         enable_bucket=spec.enable_bucket,
@@ -211,7 +273,8 @@ def _build_dataset(spec: DatasetSpec, where: str, latent_downscale: int, problem
     train: list[ImageItem] = []
     reg: list[ImageItem] = []
     for index, subset in enumerate(spec.subsets):
-        (reg if subset.is_reg else train).extend(_scan_subset(subset, index, selector, built, problems))
+        items = _scan_subset(subset, index, selector, built, problems, strict=strict)
+        (reg if subset.is_reg else train).extend(_split_subset(spec, subset, items, built, seed))
     built.num_train_images = sum(item.num_repeats for item in train)
     built.num_reg_images = sum(item.num_repeats for item in reg)
     if reg and not train:
@@ -221,27 +284,37 @@ def _build_dataset(spec: DatasetSpec, where: str, latent_downscale: int, problem
         reasons = "; ".join(f"{p.name}: {r}" for p, r in built.skipped[:3])
         dirs = ", ".join(str(s.image_dir) for s in spec.subsets)
         problems.append(f"{where}: every image in {dirs} was skipped ({reasons})")
-    by_bucket: dict[tuple[int, int], list[int]] = {}
-    for index, item in enumerate(built.items):
-        by_bucket.setdefault(item.bucket, []).extend([index] * item.num_repeats)
-    built.buckets = sorted(by_bucket.items())
+    built.buckets = _buckets(built.items)
     return built
 
 
 def build_dataset_group(
-    specs: list[DatasetSpec], *, seed: int, prior_loss_weight: float = 1.0, latent_downscale: int = 8
+    specs: list[DatasetSpec],
+    *,
+    seed: int,
+    prior_loss_weight: float = 1.0,
+    latent_downscale: int = 8,
+    strict_dataset: bool = False,
 ) -> DatasetGroup:
-    """Scan every dataset (image headers and captions only) and form buckets. Raises UserError."""
+    """Scan every dataset (image headers and captions only) and form buckets. Raises UserError.
+
+    Unreadable images are skipped (listed in the plan) or, with `strict_dataset`, errors; see samples.py.
+    """
     problems: list[str] = []
     if not specs:
         raise UserError("no datasets to train on; give --dataset_config or --train_data_dir")
     datasets = [
-        _build_dataset(spec, f"dataset {i + 1}", latent_downscale, problems) for i, spec in enumerate(specs)
+        _build_dataset(spec, f"dataset {i + 1}", latent_downscale, seed, problems, strict=strict_dataset)
+        for i, spec in enumerate(specs)
     ]
     if problems:
         raise UserError(*problems)
     return DatasetGroup(
-        datasets, seed=seed, prior_loss_weight=prior_loss_weight, latent_downscale=latent_downscale
+        datasets,
+        seed=seed,
+        prior_loss_weight=prior_loss_weight,
+        latent_downscale=latent_downscale,
+        strict=strict_dataset,
     )
 
 
@@ -249,10 +322,19 @@ class DatasetGroup:
     """All datasets of a run, addressed by (epoch, step in epoch). Picklable for DataLoader workers."""
 
     def __init__(
-        self, datasets: list[BuiltDataset], *, seed: int, prior_loss_weight: float, latent_downscale: int
+        self,
+        datasets: list[BuiltDataset],
+        *,
+        seed: int,
+        prior_loss_weight: float,
+        latent_downscale: int,
+        shuffle: bool = True,
+        strict: bool = False,
     ) -> None:
         self.datasets = datasets
         self.seed = seed
+        self.strict = strict  # an image that fails to decode: error (True) or replaced by another (False)
+        self.shuffle = shuffle  # False: batches in a fixed order (validation)
         self.prior_loss_weight = prior_loss_weight
         self.latent_downscale = latent_downscale
         # A slot is one batch position: (dataset, bucket, chunk). Its members change per epoch.
@@ -263,6 +345,15 @@ class DatasetGroup:
             for k in range(-(-len(members) // ds.spec.batch_size))
         ]
         self._epoch_cache: tuple[int, list[int], dict[tuple[int, int], list[int]]] | None = None
+        self.steps = StepSchedule(batches_per_epoch=len(self._slots))
+
+    def set_training_steps(
+        self, max_train_steps: int, *, gradient_accumulation_steps: int = 1, num_processes: int = 1
+    ) -> None:
+        """Where batches fall in training, for token warmup (fractional `token_warmup_step` needs the total)."""
+        self.steps = StepSchedule(
+            max_train_steps, len(self._slots), gradient_accumulation_steps, num_processes
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -282,12 +373,38 @@ class DatasetGroup:
         return sum(ds.num_reg_images for ds in self.datasets)
 
     @property
+    def num_validation_images(self) -> int:
+        return sum(len(ds.validation_items) for ds in self.datasets)
+
+    @property
     def latents_cached(self) -> bool:
-        return all(i.latents is not None or i.latents_npz is not None for _, i in self.iter_items())
+        return all(
+            i.latents is not None or i.latents_npz is not None or i.unusable for _, i in self.iter_items()
+        )
 
     def latents_in_memory(self) -> bool:
         """True when every image is served from RAM latents (nothing left to decode or read per step)."""
-        return all(i.latents is not None for _, i in self.iter_items())
+        return all(i.latents is not None or i.unusable for _, i in self.iter_items())
+
+    def validation(self) -> DatasetGroup | None:
+        """The held-out images as a group of their own: no repeats, no reg images, batches in a fixed order
+        (augmentations stay seeded by position); None when no dataset holds any out."""
+        parts = [
+            BuiltDataset(ds.spec, ds.validation_items, _buckets(ds.validation_items),
+                         ds.validation_image_counts, len(ds.validation_items), 0)
+            for ds in self.datasets
+            if ds.validation_items
+        ]  # fmt: skip
+        if not parts:
+            return None
+        return DatasetGroup(
+            parts,
+            seed=self.seed,
+            prior_loss_weight=self.prior_loss_weight,
+            latent_downscale=self.latent_downscale,
+            shuffle=False,
+            strict=self.strict,
+        )
 
     def iter_items(self) -> Iterator[tuple[BuiltDataset, ImageItem]]:
         """Every image once (not per repeat), with its dataset."""
@@ -301,12 +418,13 @@ class DatasetGroup:
         # A string seed is hashed with SHA-512 by `random`, so it is stable across processes and runs.
         rng = random.Random(f"{self.seed}/{epoch}")
         order = list(range(len(self._slots)))
-        rng.shuffle(order)
+        shuffle = rng.shuffle if self.shuffle else lambda _: None
+        shuffle(order)
         members: dict[tuple[int, int], list[int]] = {}
         for d, ds in enumerate(self.datasets):
             for b, (_, bucket_members) in enumerate(ds.buckets):
                 shuffled = list(bucket_members)
-                rng.shuffle(shuffled)
+                shuffle(shuffled)
                 members[(d, b)] = shuffled
         self._epoch_cache = (epoch, order, members)
         return order, members
@@ -328,33 +446,30 @@ class DatasetGroup:
     def load_batch(self, epoch: int, step_in_epoch: int) -> dict[str, Any]:
         """Pixels or cached latents, processed captions and size conditioning for one batch."""
         ds, items = self.batch_items(epoch, step_in_epoch)
+        _, bucket, _ = self._slots[self._epoch(epoch)[0][step_in_epoch]]
         rng = random.Random(f"{self.seed}/{epoch}/{step_in_epoch}")
-        cached = [i.latents is not None or i.latents_npz is not None for i in items]
-        if any(cached) and not all(cached):
-            raise RuntimeError("batch mixes cached and uncached images; cache latents for the whole group")
-        images, latents, captions, flipped, originals, crops, targets = [], [], [], [], [], [], []
+        caption_rng = random.Random(f"{self.seed}/{epoch}/{step_in_epoch}/caption")
+        global_step = self.steps.global_step(epoch, step_in_epoch)
+        images, latents, masks, used, captions, flipped, originals, crops, targets = ([] for _ in range(9))
         for item in items:
+            item, flip, sample = load_or_replace(
+                ds, ds.buckets[bucket][1], item, rng, downscale=self.latent_downscale, strict=self.strict
+            )
             subset = ds.subset(item)
-            flip = subset.flip_aug and rng.random() < 0.5
-            if item.latents is not None:
-                lat = item.latents_flipped if flip else item.latents
-                if lat is None:
-                    raise RuntimeError(f"flipped latents missing for {item.path}; re-run latent caching")
-                latents.append(lat)
-            elif item.latents_npz is not None:
-                latents.append(read_latents(item.latents_npz, item.bucket, self.latent_downscale, flip))
+            if sample.latents is not None:
+                latents.append(sample.latents)
             else:
-                crop_rng = rng if subset.random_crop else None
-                images.append(load_image_tensor(item.path, item.assignment, flip=flip, crop_rng=crop_rng))
+                images.append(sample.pixels)
+            masks.append(sample.mask)
+            used.append(item)
             captions.append(
                 process_caption(
                     item.caption,
-                    prefix=subset.caption_prefix,
-                    suffix=subset.caption_suffix,
-                    shuffle=subset.shuffle_caption,
-                    separator=subset.caption_separator,
-                    keep_tokens=subset.keep_tokens,
-                    rng=rng,
+                    subset.caption_options,
+                    caption_rng,
+                    epoch=epoch + 1,  # kohya counts epochs from 1 (caption_dropout_every_n_epochs)
+                    step=global_step,
+                    max_train_steps=self.steps.max_train_steps,
                 )
             )
             width, height = item.bucket
@@ -364,22 +479,26 @@ class DatasetGroup:
             originals.append((item.original_size[1], item.original_size[0]))
             targets.append((height, width))
             flipped.append(flip)
-        weights = [self.prior_loss_weight if item.is_reg else 1.0 for item in items]
+        if images and latents:
+            raise RuntimeError("batch mixes cached and uncached images; cache latents for the whole group")
+        weights = [self.prior_loss_weight if item.is_reg else 1.0 for item in used]
         return {
             "images": torch.stack(images) if images else None,
             "latents": torch.stack(latents).to(torch.float32) if latents else None,
+            "masks": stack_masks(masks, (targets[0][0], targets[0][1])),  # [B, 1, H, W] in [0, 1], or None
             "captions": captions,
             "loss_weights": torch.tensor(weights, dtype=torch.float32),
             "original_sizes_hw": torch.tensor(originals, dtype=torch.int64),
             "crop_top_lefts": torch.tensor(crops, dtype=torch.int64),
             "target_sizes_hw": torch.tensor(targets, dtype=torch.int64),
             "flipped": flipped,
-            "image_paths": [str(item.path) for item in items],
+            "image_paths": [str(item.path) for item in used],
         }
 
-    def plan_text(self) -> str:
-        """Human-readable table of datasets, buckets, batches, skipped images and balancing notes."""
-        return plan.plan_text(self.datasets, self.num_batches_per_epoch)
+    def plan_text(self, training: plan.TrainingNumbers | None = None, cache: str | None = None) -> str:
+        """Human-readable table of datasets, buckets, batches, validation, skipped images and notes; with
+        the training schedule and a latent-cache summary line when given."""
+        return plan.plan_text(self.datasets, self.num_batches_per_epoch, training, cache, self.seed)
 
     def bucket_info(self) -> dict[str, Any]:
         """kohya ss_bucket_info: buckets of all datasets merged by resolution, and the mean AR error."""

@@ -4,21 +4,24 @@ A blueprint is a list of `DatasetSpec` with every value resolved (subset -> data
 -> default, as kohya does) and every path checked, so that dataset building never meets a config problem.
 All problems in a file are reported together in one `UserError`, each naming the file and the key path.
 
-Relative `image_dir` paths resolve against the config file's folder when the folder exists there, else
-against the working directory (kohya only uses the working directory; configs shipped next to their data
-should work from anywhere).
+Relative `image_dir` and `metadata_file` paths resolve against the config file's folder when they exist
+there, else against the working directory (kohya only uses the working directory; configs shipped next to
+their data should work from anywhere). A fine-tune subset's `image_dir` defaults to its metadata file's
+folder.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from library.data.bucketing import snap_bucket_range
+from library.data.captions import CaptionOptions
 from library.data.config_schema import ConfigProblems, check_table, read_config_file
-from library.data.images import list_image_files
+from library.data.images import PixelOptions, list_image_files
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -41,8 +44,25 @@ class DatasetDefaults:
     keep_tokens: int = 0
     flip_aug: bool = False
     random_crop: bool = False
+    color_aug: bool = False
+    face_crop_aug_range: tuple[float, float] | None = None
+    resize_interpolation: str | None = None
+    alpha_mask: bool = False
+    masked_loss: bool = False  # not a key: it decides whether subsets need (and may have) mask folders
     dataset_repeats: int = 1
     prior_loss_weight: float = 1.0
+    validation_split: float = 0.0
+    validation_seed: int | None = None
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    keep_tokens_separator: str = ""
+    secondary_separator: str | None = None
+    enable_wildcard: bool = False
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +81,33 @@ class SubsetSpec:
     caption_suffix: str | None
     flip_aug: bool
     random_crop: bool
+    # A fine-tune subset: captions (and maybe sizes) come from this kohya metadata JSON/JSONL, and
+    # image_dir is where its relative image keys live.
+    metadata_file: Path | None = field(default=None, kw_only=True)
+    # Keyword-only with kohya's defaults, so code that builds a SubsetSpec need not spell them all out.
+    keep_tokens_separator: str = field(default="", kw_only=True)
+    secondary_separator: str | None = field(default=None, kw_only=True)
+    enable_wildcard: bool = field(default=False, kw_only=True)
+    caption_dropout_rate: float = field(default=0.0, kw_only=True)
+    caption_dropout_every_n_epochs: int = field(default=0, kw_only=True)
+    caption_tag_dropout_rate: float = field(default=0.0, kw_only=True)
+    token_warmup_min: int = field(default=1, kw_only=True)
+    token_warmup_step: float = field(default=0.0, kw_only=True)
+    color_aug: bool = field(default=False, kw_only=True)
+    face_crop_aug_range: tuple[float, float] | None = field(default=None, kw_only=True)
+    resize_interpolation: str | None = field(default=None, kw_only=True)
+    alpha_mask: bool = field(default=False, kw_only=True)
+    conditioning_data_dir: Path | None = field(default=None, kw_only=True)  # mask images (--masked_loss)
+
+    @cached_property
+    def pixel_options(self) -> PixelOptions:
+        """Augmentation and resampling settings for image loading (built once; read per sample per step)."""
+        return PixelOptions(**{f.name: getattr(self, f.name) for f in fields(PixelOptions)})
+
+    @cached_property
+    def caption_options(self) -> CaptionOptions:
+        """The caption pipeline settings (built once; read per sample per step)."""
+        return CaptionOptions(**{f.name: getattr(self, f.name) for f in fields(CaptionOptions)})
 
 
 @dataclass(frozen=True)
@@ -75,6 +122,8 @@ class DatasetSpec:
     bucket_reso_steps: int
     bucket_no_upscale: bool
     subsets: tuple[SubsetSpec, ...]
+    validation_split: float = 0.0  # share of each non-reg subset held out for validation
+    validation_seed: int | None = None  # None: the run's seed
 
 
 # CLI flag (DatasetDefaults field) behind each config key, used for defaults and in messages.
@@ -93,6 +142,27 @@ _FLAG_FOR_KEY = {
     "keep_tokens": "keep_tokens",
     "flip_aug": "flip_aug",
     "random_crop": "random_crop",
+    "color_aug": "color_aug",
+    "face_crop_aug_range": "face_crop_aug_range",
+    "resize_interpolation": "resize_interpolation",
+    "alpha_mask": "alpha_mask",
+    "validation_split": "validation_split",
+    "validation_seed": "validation_seed",
+    **{
+        key: key
+        for key in (
+            "caption_prefix",
+            "caption_suffix",
+            "keep_tokens_separator",
+            "secondary_separator",
+            "enable_wildcard",
+            "caption_dropout_rate",
+            "caption_dropout_every_n_epochs",
+            "caption_tag_dropout_rate",
+            "token_warmup_min",
+            "token_warmup_step",
+        )
+    },
 }
 _MIN_FLAG_VALUES = {
     "train_batch_size": 1,
@@ -101,7 +171,13 @@ _MIN_FLAG_VALUES = {
     "bucket_reso_steps": 1,
     "min_bucket_reso": 1,
     "max_bucket_reso": 1,
+    "caption_dropout_rate": 0,
+    "caption_dropout_every_n_epochs": 0,
+    "caption_tag_dropout_rate": 0,
+    "token_warmup_min": 0,
+    "token_warmup_step": 0,
 }
+_MAX_FLAG_VALUES = {"caption_dropout_rate": 1, "caption_tag_dropout_rate": 1}
 
 Table = dict[str, tuple[Any, str]]  # key -> (value, where it was set)
 
@@ -112,6 +188,10 @@ def _default_problems(defaults: DatasetDefaults) -> list[str]:
         value = getattr(defaults, flag)
         if value < minimum:
             problems.append(f"--{flag} must be >= {minimum}, got {value}")
+    for flag, maximum in _MAX_FLAG_VALUES.items():
+        value = getattr(defaults, flag)
+        if value > maximum:
+            problems.append(f"--{flag} must be <= {maximum}, got {value}")
     if defaults.resolution is not None and min(defaults.resolution) < 1:
         problems.append(f"--resolution must be positive, got {defaults.resolution}")
     if not defaults.caption_separator:
@@ -125,7 +205,7 @@ def _pick(key: str, tables: list[Table], defaults: DatasetDefaults) -> tuple[Any
         if key in table:
             return table[key]
     flag = _FLAG_FOR_KEY.get(key)
-    if flag is None:  # keys without a CLI flag (class_tokens, caption_prefix, ...) default to None
+    if flag is None:  # keys without a CLI flag (class_tokens, ...) default to None
         return None, "default"
     return getattr(defaults, flag), f"--{flag}"
 
@@ -186,6 +266,8 @@ def _make_dataset(
         bucket_reso_steps=values["bucket_reso_steps"][0],
         bucket_no_upscale=values["bucket_no_upscale"][0],
         subsets=tuple(subsets),
+        validation_split=values["validation_split"][0],
+        validation_seed=values["validation_seed"][0],
     )
 
 
@@ -206,6 +288,18 @@ def _make_subset(image_dir: Path, is_reg: bool, tables: list[Table], defaults: D
         caption_suffix=value("caption_suffix"),
         flip_aug=value("flip_aug"),
         random_crop=value("random_crop"),
+        color_aug=value("color_aug"),
+        face_crop_aug_range=value("face_crop_aug_range"),
+        resize_interpolation=value("resize_interpolation"),
+        alpha_mask=value("alpha_mask"),
+        keep_tokens_separator=value("keep_tokens_separator"),
+        secondary_separator=value("secondary_separator"),
+        enable_wildcard=value("enable_wildcard"),
+        caption_dropout_rate=value("caption_dropout_rate"),
+        caption_dropout_every_n_epochs=value("caption_dropout_every_n_epochs"),
+        caption_tag_dropout_rate=value("caption_tag_dropout_rate"),
+        token_warmup_min=value("token_warmup_min"),
+        token_warmup_step=value("token_warmup_step"),
     )
 
 
@@ -221,6 +315,70 @@ def _resolve_image_dir(raw: str, where: str, config_dir: Path, problems: ConfigP
     looked = " and ".join(str(c) for c in dict.fromkeys(candidates))
     problems.add(where, f'folder "{raw}" does not exist (looked in {looked}); fix the path')
     return None
+
+
+def _metadata_subset(
+    table: Table,
+    where: str,
+    config_dir: Path,
+    tables: list[Table],
+    defaults: DatasetDefaults,
+    problems: ConfigProblems,
+) -> SubsetSpec | None:
+    """A fine-tune subset: metadata_file, and image_dir (default: the metadata file's folder)."""
+    for key in ("is_reg", "class_tokens", "caption_extension"):
+        if key in table:
+            problems.add(
+                table[key][1], "applies to DreamBooth subsets only (not with metadata_file); remove it"
+            )
+    if "metadata_file" not in table:  # its value was wrong; already reported
+        return None
+    raw = table["metadata_file"][0]
+    given = Path(raw).expanduser()
+    candidates = [given] if given.is_absolute() else [config_dir / given, Path.cwd() / given]
+    metadata = next((c.resolve() for c in candidates if c.is_file()), None)
+    if metadata is None:
+        looked = " and ".join(str(c) for c in dict.fromkeys(candidates))
+        problems.add(
+            f"{where}.metadata_file", f'file "{raw}" does not exist (looked in {looked}); fix the path'
+        )
+    image_dir = metadata.parent if metadata is not None else None
+    if "image_dir" in table:
+        image_dir = _resolve_image_dir(table["image_dir"][0], f"{where}.image_dir", config_dir, problems)
+    if metadata is None or image_dir is None:
+        return None
+    return replace(_make_subset(image_dir, False, tables, defaults), metadata_file=metadata)
+
+
+def _mask_settings(
+    subset: SubsetSpec,
+    table: Table,
+    where: str,
+    config_dir: Path,
+    defaults: DatasetDefaults,
+    problems: ConfigProblems,
+) -> SubsetSpec:
+    """Resolve conditioning_data_dir (mask images); with --masked_loss every subset needs a mask source."""
+    if "conditioning_data_dir" in table:
+        raw, key_path = table["conditioning_data_dir"]
+        if not defaults.masked_loss:
+            problems.add(
+                key_path, "holds mask images, which only --masked_loss uses; pass --masked_loss or remove it"
+            )
+        elif subset.metadata_file is not None:
+            problems.add(
+                key_path, "applies to image_dir subsets only (not with metadata_file); use alpha_mask = true"
+            )
+        else:
+            mask_dir = _resolve_image_dir(raw, key_path, config_dir, problems)
+            return subset if mask_dir is None else replace(subset, conditioning_data_dir=mask_dir)
+    elif defaults.masked_loss and not subset.alpha_mask:
+        problems.add(
+            where,
+            'has no mask for --masked_loss; set conditioning_data_dir = "<folder of masks named like the images>" '
+            "or alpha_mask = true (the images' alpha channel)",
+        )
+    return subset
 
 
 def _as_table_list(raw: Any, where: str, what: str, problems: ConfigProblems) -> list[Any]:
@@ -260,9 +418,25 @@ def load_dataset_blueprint(path: Path, defaults: DatasetDefaults) -> list[Datase
             problems.add(ds_where, 'has no [[datasets.subsets]]; add one with image_dir = "..."')
         subsets: list[SubsetSpec] = []
         seen: set[tuple[Path, bool]] = set()
+        kinds: set[str] = set()
         for j, ss_raw in enumerate(subsets_raw):
             ss_where = f"{ds_where}.subsets[{j}]"
             ss_table = check_table(ss_raw, ss_where, "subset", problems)
+            if "metadata_file" in ss_raw:
+                kinds.add("fine-tune (metadata_file)")
+                tables = [ss_table, ds_table, general]
+                ft_subset = _metadata_subset(ss_table, ss_where, config_dir, tables, defaults, problems)
+                if ft_subset is not None and (ft_subset.metadata_file, False) in seen:
+                    logger.warning(
+                        "%s: %s is listed twice in %s; using it once", path, ft_subset.metadata_file, ds_where
+                    )
+                elif ft_subset is not None:
+                    seen.add((ft_subset.metadata_file, False))
+                    subsets.append(
+                        _mask_settings(ft_subset, ss_table, ss_where, config_dir, defaults, problems)
+                    )
+                continue
+            kinds.add("DreamBooth (image_dir only)")
             if "image_dir" not in ss_raw:
                 problems.add(ss_where, 'has no image_dir; add image_dir = "path/to/images"')
             if "image_dir" not in ss_table:
@@ -277,7 +451,14 @@ def load_dataset_blueprint(path: Path, defaults: DatasetDefaults) -> list[Datase
                 logger.warning("%s: %s is listed twice in %s; using it once", path, image_dir, ds_where)
                 continue
             seen.add((image_dir, is_reg))
-            subsets.append(_make_subset(image_dir, is_reg, [ss_table, ds_table, general], defaults))
+            subset = _make_subset(image_dir, is_reg, [ss_table, ds_table, general], defaults)
+            subsets.append(_mask_settings(subset, ss_table, ss_where, config_dir, defaults, problems))
+        if len(kinds) > 1:
+            problems.add(
+                ds_where,
+                f"mixes {' and '.join(sorted(kinds))} subsets, which kohya does not allow in one dataset; "
+                "put them in separate [[datasets]]",
+            )
         flat: list[str] = []
         spec = _make_dataset(f"{ds_where}: ", [ds_table, general], defaults, subsets, flat)
         for line in flat:
@@ -347,6 +528,11 @@ def blueprint_from_dirs(
 ) -> list[DatasetSpec]:
     """One dataset from kohya DreamBooth folders (`--train_data_dir`, optional `--reg_data_dir`)."""
     problems = _default_problems(defaults)
+    if defaults.masked_loss and not defaults.alpha_mask:
+        problems.append(
+            "--masked_loss needs masks: with --train_data_dir pass --alpha_mask (the images' alpha channel), or "
+            "use a --dataset_config with conditioning_data_dir (mask images) per subset"
+        )
     if defaults.resolution is None:
         problems.append("--resolution is required with --train_data_dir; e.g. --resolution 512 (or 512,768)")
     subsets = _dreambooth_subsets(Path(train_data_dir), "train_data_dir", False, defaults, problems)

@@ -1,21 +1,45 @@
-"""Image files: discovery, header-only size reads, and loading into a bucket-sized tensor.
+"""Image files: discovery, a cheap readability probe, and loading into a bucket-sized tensor (with its mask).
 
-Augmentations that act on pixels live here so that new ones (colour, masks) have one obvious home.
+Unreadable files are found in two places, and both raise `UnreadableImage` so callers decide (skip or fail):
+
+* `probe_image` at scan time: the header (PIL reads it lazily) plus a check that the file is complete, from
+  its last few KiB (PNG IEND chunk, JPEG end-of-image marker) or its declared size (WebP RIFF, BMP). That is
+  one extra small read per image, so 10k images scan in seconds; only a file that fails the check is decoded
+  in full, to tell a truncated file from one with data appended after its end (some phones write that).
+* `load_image` at load time, for damage inside a file whose header and end are intact.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from library.data.augment import color_augment, face_crop_window, parse_face_box, resize
 from library.data.bucketing import BucketAssignment
-from library.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_TAIL_BYTES = 4096
+# PIL reports corrupt data as OSError ("image file is truncated"), SyntaxError ("broken PNG file"), EOFError
+# or ValueError depending on the format and where the damage is.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+class UnreadableImage(Exception):
+    """An image (or mask) file that cannot be decoded; `reason` says why in a few words."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"cannot read image {path}: {reason}")
+
+    def user_message(self) -> str:
+        return f"cannot read image {self.path}: {self.reason}; fix or remove the file"
 
 
 def list_image_files(folder: Path) -> list[Path]:
@@ -23,55 +47,148 @@ def list_image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def read_image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header; PIL parses the header only until pixels are requested.
+def _reason(error: BaseException) -> str:
+    if isinstance(error, UnidentifiedImageError):
+        return "unknown or corrupt image format"
+    return str(error) or type(error).__name__
 
-    Raises OSError/ValueError for unreadable or corrupt files; callers decide whether to skip.
-    """
-    with Image.open(path) as image:
-        width, height = image.size
+
+def _looks_complete(f: BinaryIO, image_format: str | None, file_size: int) -> bool:
+    """Whether the file ends where its format says it should (False = probably truncated)."""
+    if image_format in ("PNG", "JPEG"):
+        f.seek(max(0, file_size - _TAIL_BYTES))
+        tail = f.read()
+        return (b"IEND\xaeB`\x82" if image_format == "PNG" else b"\xff\xd9") in tail
+    if image_format in ("WEBP", "BMP"):
+        f.seek(0)
+        head = f.read(12)
+        if image_format == "WEBP":
+            return len(head) == 12 and int.from_bytes(head[4:8], "little") + 8 <= file_size
+        return int.from_bytes(head[2:6], "little") <= file_size  # some writers leave the size 0
+    return True
+
+
+def probe_image(path: Path) -> tuple[int, int]:
+    """(width, height) of a usable image; raises UnreadableImage for empty, unknown or truncated files."""
+    try:
+        file_size = path.stat().st_size
+        if file_size == 0:
+            raise UnreadableImage(path, "empty file (0 bytes)")
+        with open(path, "rb") as f, Image.open(f) as image:
+            width, height = image.size
+            if not _looks_complete(f, image.format, file_size):
+                image.load()  # decode in full: raises if the file really is truncated
+    except UnreadableImage:
+        raise
+    except Exception as e:  # any decoder failure means the same thing: this file cannot be used
+        raise UnreadableImage(path, _reason(e)) from None
     if width < 1 or height < 1:
-        raise ValueError(f"invalid size {width}x{height}")
+        raise UnreadableImage(path, f"invalid size {width}x{height}")
     return width, height
 
 
-def _resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    if image.size == size:
-        return image
-    # kohya: area interpolation when shrinking, Lanczos when enlarging. PIL's BOX filter is area averaging.
-    shrinking = size[0] <= image.width and size[1] <= image.height
-    return image.resize(size, Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS)
+@dataclass(frozen=True)
+class PixelOptions:
+    """A subset's pixel settings: augmentations, resampling and which mask to load."""
+
+    random_crop: bool = False
+    color_aug: bool = False
+    face_crop_aug_range: tuple[float, float] | None = None
+    resize_interpolation: str | None = None
+    alpha_mask: bool = False
 
 
-def load_image_tensor(
-    path: Path,
-    assignment: BucketAssignment,
-    *,
-    flip: bool = False,
-    crop_rng: random.Random | None = None,
-) -> torch.Tensor:
-    """Decode, resize, crop (centre, or random when crop_rng is given) and optionally flip an image.
+@dataclass
+class LoadedImage:
+    """pixels: float32 [3, H, W] in [-1, 1]; mask: uint8 [H, W] (255 = full loss weight) or None."""
 
-    Returns float32 [3, H, W] in [-1, 1] with (W, H) = assignment.bucket. Raises UserError if unreadable.
-    """
+    pixels: torch.Tensor
+    mask: torch.Tensor | None
+
+
+def _decode(path: Path, alpha_mask: bool) -> tuple[Image.Image, Image.Image | None]:
     try:
         with Image.open(path) as opened:
-            image = opened.convert("RGB")  # drops alpha like kohya; palette images are expanded first
-    # PIL reports corrupt data as OSError ("image file is truncated"), SyntaxError ("broken PNG file") or
-    # EOFError depending on the format and where the damage is.
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read image {path}: {e}; fix or remove the file") from None
-    image = _resize(image, assignment.resized_size)
-    if crop_rng is None:
-        left, top = assignment.crop_left, assignment.crop_top
-    else:
+            if not alpha_mask:
+                return opened.convert("RGB"), None  # drops alpha like kohya; palettes are expanded first
+            # kohya: RGBA -> alpha is the mask; an image without alpha gets a full (all-ones) mask.
+            rgba = opened.convert("RGBA")
+            return rgba.convert("RGB"), rgba.getchannel("A")
+    except _DECODE_ERRORS as e:
+        raise UnreadableImage(path, _reason(e)) from None
+
+
+def _decode_mask(path: Path) -> Image.Image:
+    """A mask image's R channel (grey images: their only channel), as kohya's conditioning masks."""
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB").getchannel("R")
+    except _DECODE_ERRORS as e:
+        raise UnreadableImage(path, _reason(e)) from None
+
+
+def _geometry(
+    path: Path,
+    size: tuple[int, int],
+    assignment: BucketAssignment,
+    options: PixelOptions,
+    rng: random.Random | None,
+) -> tuple[tuple[int, int], int, int]:
+    """(resized size, crop left, crop top) for this load: face crop, random crop or the centre crop."""
+    box = parse_face_box(path) if options.face_crop_aug_range is not None else None
+    if box is not None:
+        return face_crop_window(
+            size,
+            assignment.bucket,
+            box,
+            options.face_crop_aug_range,
+            random_crop=options.random_crop,
+            rng=rng or random.Random(0),
+        )
+    if options.random_crop and rng is not None:
         max_left, max_top = assignment.max_crop_offset
-        left, top = crop_rng.randint(0, max_left), crop_rng.randint(0, max_top)
+        return assignment.resized_size, rng.randint(0, max_left), rng.randint(0, max_top)
+    return assignment.resized_size, assignment.crop_left, assignment.crop_top
+
+
+def load_image(
+    path: Path,
+    assignment: BucketAssignment,
+    options: PixelOptions = PixelOptions(),
+    *,
+    flip: bool = False,
+    rng: random.Random | None = None,
+    mask_path: Path | None = None,
+) -> LoadedImage:
+    """Decode, resize, crop, colour-augment and flip an image; its mask gets the same resize, crop and flip.
+
+    Random augmentations draw from `rng` (none without it: centre crop, no colour change). The mask comes
+    from `mask_path` (R channel) or, with `options.alpha_mask`, from the alpha channel. Raises UnreadableImage.
+    """
+    image, mask = _decode(path, options.alpha_mask and mask_path is None)
+    if mask_path is not None:
+        mask = _decode_mask(mask_path)
+    resized, left, top = _geometry(path, image.size, assignment, options, rng)
     width, height = assignment.bucket
+    interpolation = options.resize_interpolation
+    image = resize(image, resized, interpolation)
     if image.size != (width, height):
         image = image.crop((left, top, left + width, top + height))
+    if mask is not None:
+        mask = resize(mask, resized, interpolation)
+        if mask.size != (width, height):
+            mask = mask.crop((left, top, left + width, top + height))
+    if options.color_aug and rng is not None:
+        image = color_augment(image, rng)
     array = np.array(image, dtype=np.uint8)  # a writable copy; torch warns on read-only arrays
+    mask_array = None if mask is None else np.array(mask, dtype=np.uint8)
     if flip:
         array = array[:, ::-1]
-    tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
-    return tensor.to(torch.float32).div_(127.5).sub_(1.0)
+        mask_array = None if mask_array is None else mask_array[:, ::-1]
+    pixels = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    # contiguous: a channels-last float tensor (what .to keeps after permute) makes torch.stack of a batch
+    # gather strided memory, about 2x slower per image (bench/bench_loader.py)
+    pixels = pixels.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
+    return LoadedImage(
+        pixels, None if mask_array is None else torch.from_numpy(np.ascontiguousarray(mask_array))
+    )

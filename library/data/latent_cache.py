@@ -1,88 +1,169 @@
 """Latent caching: encode every image once (per bucket, in batches) and serve latents instead of pixels.
 
 The encoder is a plain callable (pixels in [-1, 1] -> unscaled latents), so this module knows no model
-family; the cache id names the encoder (e.g. a VAE hash) so a cache from another VAE is not reused.
+family; the cache id names the encoder (`encoder_cache_id`) so a cache from another VAE is not reused.
+Disk caches record what they depend on (see latent_npz.py) and are rebuilt when any of it changes.
+
+Random pixel augmentations (random_crop, color_aug, face_crop_aug_range) cannot be cached: one frozen
+sample would replace the augmentation. `cache_problems` reports them before any weights load.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from library.data.images import load_image_tensor
-from library.data.latent_npz import is_valid_npz, latent_hw, latents_npz_path, write_npz
+from library.data.images import LoadedImage, PixelOptions, UnreadableImage, load_image
+from library.data.latent_npz import (
+    LatentDeps,
+    file_stamp,
+    is_valid_npz,
+    latent_hw,
+    latents_npz_path,
+    write_npz,
+)
 from library.errors import UserError
 
 if TYPE_CHECKING:
-    from library.data.dataset import DatasetGroup, ImageItem
+    from library.data.dataset import BuiltDataset, DatasetGroup, ImageItem
+    from library.data.dataset_config import SubsetSpec
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class CacheReport:
-    """How many images were served from an existing cache and how many were encoded now."""
+    """How many images were served from an existing cache, encoded now, or found unreadable (skipped)."""
 
     reused: int
     encoded: int
     to_disk: bool
+    unreadable: int = 0
 
     def __str__(self) -> str:
         where = "disk" if self.to_disk else "RAM"
-        return f"latent cache ({where}): {self.encoded} encoded, {self.reused} reused"
+        bad = f", {self.unreadable} unreadable (skipped)" if self.unreadable else ""
+        return f"latent cache ({where}): {self.encoded} encoded, {self.reused} reused{bad}"
+
+
+def encoder_cache_id(encoder_name: str, weights: Path) -> str:
+    """An id for the encoder's weights: name, size and mtime of the file (or of a folder's files).
+
+    Cheap (no hashing of gigabytes) and changes whenever the weights file is replaced.
+    """
+    weights = Path(weights)
+    if weights.is_dir():
+        folder = weights / "vae" if (weights / "vae").is_dir() else weights
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+    else:
+        files = [weights] if weights.exists() else []
+    stamps = repr([(p.name, *file_stamp(p)) for p in files])
+    return f"{encoder_name}:{weights.name}:{hashlib.sha256(stamps.encode()).hexdigest()[:12]}"
+
+
+def cache_problems(subsets: Iterable[SubsetSpec], flag: str = "--cache_latents") -> list[str]:
+    """One line per subset option that latent caching cannot honour (kohya asserts on the first two)."""
+    problems = []
+    for subset in subsets:
+        for option, value in (
+            ("random_crop", subset.random_crop),
+            ("color_aug", subset.color_aug),
+            ("face_crop_aug_range", subset.face_crop_aug_range),
+        ):
+            if value:
+                shown = "true" if value is True else f"[{value[0]}, {value[1]}]"
+                problems.append(
+                    f"{flag} is not compatible with {option}: subset {subset.image_dir} has {option} = {shown} "
+                    f"(a cached latent would freeze one augmented sample); remove {option} or {flag}"
+                )
+    return problems
 
 
 @dataclass
 class _Job:
-    """One image to cache, shared by every item (dataset) that uses it at the same bucket."""
+    """One image to cache, shared by every item (dataset) that uses it at the same bucket and resampling."""
 
     items: list[ImageItem]
+    interpolation: str | None
     need_flipped: bool
+    mask_source: str | None
+    mask_path: Path | None
     npz: Path | None
 
     @property
     def first(self) -> ImageItem:
         return self.items[0]
 
+    def deps(self, cache_id: str) -> LatentDeps:
+        item = self.first
+        assignment = item.assignment
+        return LatentDeps(
+            cache_id=cache_id,
+            image_file=file_stamp(item.path),
+            original_size=item.original_size,
+            bucket=item.bucket,
+            pixel_crop=(*assignment.resized_size, assignment.crop_left, assignment.crop_top),
+            crop_ltrb=item.crop_ltrb,
+            resize_interpolation=self.interpolation or "auto",
+            mask_source=self.mask_source,
+        )
 
-def _check_cacheable(group: DatasetGroup) -> None:
-    problems = [
-        f"cache_latents is not compatible with random_crop: subset {subset.image_dir} has random_crop = true; "
-        "set random_crop = false or do not cache latents"
-        for ds in group.datasets
-        for subset in ds.spec.subsets
-        if subset.random_crop
-    ]
-    if problems:
-        raise UserError(*problems)
+
+def _mask_source(item: ImageItem, subset: SubsetSpec) -> str | None:
+    if item.mask_path is not None:
+        size, mtime = file_stamp(item.mask_path)
+        return f"file:{item.mask_path.name}:{size}:{mtime}"
+    return "alpha" if subset.alpha_mask else None
 
 
 def _collect_jobs(group: DatasetGroup, to_disk: bool, file_suffix: str) -> list[_Job]:
-    jobs: dict[tuple[Path, tuple[int, int]], _Job] = {}
-    buckets_per_path: dict[Path, set[tuple[int, int]]] = {}
-    for ds, item in group.iter_items():
-        flip = ds.subset(item).flip_aug
-        job = jobs.get((item.path, item.bucket))
+    jobs: dict[tuple[Path, tuple[int, int], str | None], _Job] = {}
+    problems: list[str] = []
+    for ds, item in _cacheable_items(group):
+        subset = ds.subset(item)
+        key = (item.path, item.bucket, subset.resize_interpolation)
+        try:
+            mask = _mask_source(item, subset)
+        except OSError:  # the mask file vanished after the scan: encoding will report it
+            mask = f"file:{item.mask_path}"
+        job = jobs.get(key)
         if job is None:
             npz = latents_npz_path(item.path, item.original_size, file_suffix) if to_disk else None
-            jobs[(item.path, item.bucket)] = _Job([item], flip, npz)
-        else:
-            job.items.append(item)
-            job.need_flipped |= flip
-        buckets_per_path.setdefault(item.path, set()).add(item.bucket)
+            jobs[key] = _Job([item], key[2], subset.flip_aug, mask, item.mask_path, npz)
+            continue
+        job.items.append(item)
+        job.need_flipped |= subset.flip_aug
+        if job.mask_source is None:
+            job.mask_source, job.mask_path = mask, item.mask_path
+        elif mask is not None and mask != job.mask_source:
+            problems.append(f"{item.path} has two different masks (alpha_mask and a mask file); use one")
     if to_disk:
-        clashes = [(p, b) for p, b in buckets_per_path.items() if len(b) > 1]
-        if clashes:
-            raise UserError(
-                *(
-                    f"{p} is used at {len(b)} bucket sizes ({', '.join(f'{w}x{h}' for w, h in sorted(b))}) but a "
-                    "disk cache file holds one; cache latents in RAM or use one resolution for this folder"
-                    for p, b in clashes
+        per_file: dict[Path, list[_Job]] = {}
+        for job in jobs.values():
+            per_file.setdefault(job.npz, []).append(job)
+        for npz, shared in per_file.items():
+            if len(shared) > 1:
+                settings = ", ".join(
+                    f"{j.first.bucket[0]}x{j.first.bucket[1]} {j.interpolation or 'auto'}" for j in shared
                 )
-            )
+                problems.append(
+                    f"{shared[0].first.path} is used at {len(shared)} bucket sizes or resize_interpolation "
+                    f"values ({settings}) but its disk cache file {npz.name} holds one; cache latents in RAM or "
+                    "use one resolution and interpolation for this folder"
+                )
+    if problems:
+        raise UserError(*problems)
     return list(jobs.values())
+
+
+def _cacheable_items(group: DatasetGroup) -> Iterable[tuple[BuiltDataset, ImageItem]]:
+    return ((ds, item) for ds, item in group.iter_items() if item.unusable is None)
 
 
 def _ram_reusable(job: _Job, cache_id: str) -> bool:
@@ -90,8 +171,35 @@ def _ram_reusable(job: _Job, cache_id: str) -> bool:
         i.latents is not None
         and i.latents_cache_id == cache_id
         and (i.latents_flipped is not None or not job.need_flipped)
+        and (i.cached_mask is not None or job.mask_source is None)
         for i in job.items
     )
+
+
+def _disk_reusable(job: _Job, cache_id: str, downscale: int, skip_check: bool) -> bool:
+    try:
+        deps = job.deps(cache_id)
+    except OSError:  # the image vanished after the scan: encoding will report it
+        return False
+    return is_valid_npz(
+        job.npz, deps, downscale=downscale, need_flipped=job.need_flipped, skip_check=skip_check
+    )
+
+
+def check_latent_cache(
+    group: DatasetGroup, cache_id: str, file_suffix: str = "_sd", skip_check: bool = False
+) -> tuple[int, int]:
+    """(hits, misses) of the disk cache for every image of the group, without encoding or changing anything.
+
+    Reads only npz headers and small keys (see latent_npz.py), so a dry run can report it cheaply.
+    """
+    hits = misses = 0
+    for job in _collect_jobs(group, True, file_suffix):
+        if _disk_reusable(job, cache_id, group.latent_downscale, skip_check):
+            hits += 1
+        else:
+            misses += 1
+    return hits, misses
 
 
 def _encode(
@@ -111,23 +219,25 @@ def _encode(
     return latents.detach().to("cpu", torch.float32)
 
 
-def _store(job: _Job, latents: torch.Tensor, flipped: torch.Tensor | None, cache_id: str) -> None:
-    item = job.first
+def _store(
+    job: _Job, latents: torch.Tensor, flipped: torch.Tensor | None, mask: torch.Tensor | None, cache_id: str
+) -> None:
     if job.npz is not None:
-        write_npz(
-            job.npz,
-            latents,
-            original_size=item.original_size,
-            crop_ltrb=item.crop_ltrb,
-            cache_id=cache_id,
-            latents_flipped=flipped,
-        )
+        write_npz(job.npz, latents, job.deps(cache_id), latents_flipped=flipped, alpha_mask=mask)
     for target in job.items:
         # clone: a slice would keep (and pickle) the whole batch's storage
-        target.latents = None if job.npz is not None else latents.clone()
-        target.latents_flipped = None if job.npz is not None or flipped is None else flipped.clone()
+        in_ram = job.npz is None
+        target.latents = latents.clone() if in_ram else None
+        target.latents_flipped = flipped.clone() if in_ram and flipped is not None else None
+        target.cached_mask = mask if in_ram else None
         target.latents_npz = job.npz
         target.latents_cache_id = cache_id
+
+
+def _use_disk_file(job: _Job, cache_id: str) -> None:
+    for target in job.items:
+        target.latents, target.latents_flipped, target.cached_mask = None, None, None
+        target.latents_npz, target.latents_cache_id = job.npz, cache_id
 
 
 def _batches(pending: list[_Job], batch_size: int) -> list[list[_Job]]:
@@ -146,6 +256,21 @@ def _batches(pending: list[_Job], batch_size: int) -> list[list[_Job]]:
     return batches
 
 
+def _load(job: _Job, group: DatasetGroup) -> LoadedImage | None:
+    """The job's pixels (centre crop, no augmentation) and mask; None when unreadable (items marked)."""
+    item = job.first
+    options = PixelOptions(resize_interpolation=job.interpolation, alpha_mask=job.mask_source == "alpha")
+    try:
+        return load_image(item.path, item.assignment, options, mask_path=job.mask_path)
+    except UnreadableImage as e:
+        if group.strict:
+            raise UserError(e.user_message()) from None
+        logger.warning("%s; skipping it (another image of its bucket is used in its place)", e)
+        for target in job.items:
+            target.unusable = e.reason
+        return None
+
+
 def cache_latents(
     group: DatasetGroup,
     encode: Callable[[torch.Tensor], torch.Tensor],
@@ -161,31 +286,22 @@ def cache_latents(
 
     `encode` maps float32 CPU pixels [B, 3, H, W] in [-1, 1] to unscaled latents [B, C, H/d, W/d]
     (d = the group's latent_downscale) and handles device and dtype itself. Raises UserError when a subset
-    uses random_crop (a cached crop would be frozen) or a cache file cannot be written.
+    uses a random augmentation (see `cache_problems`) or a cache file cannot be written. An image that fails
+    to decode is skipped with a warning (an error with the group's `strict`).
     """
     if batch_size < 1:
         raise UserError(f"--vae_batch_size must be >= 1, got {batch_size}")
-    _check_cacheable(group)
+    problems = cache_problems(s for ds in group.datasets for s in ds.spec.subsets)
+    if problems:
+        raise UserError(*problems)
     downscale = group.latent_downscale
     pending: list[_Job] = []
     reused = 0
     for job in _collect_jobs(group, to_disk, file_suffix):
-        item = job.first
         if job.npz is not None:
-            valid = is_valid_npz(
-                job.npz,
-                bucket=item.bucket,
-                downscale=downscale,
-                original_size=item.original_size,
-                crop_ltrb=item.crop_ltrb,
-                need_flipped=job.need_flipped,
-                cache_id=cache_id,
-                skip_check=skip_check,
-            )
+            valid = _disk_reusable(job, cache_id, downscale, skip_check)
             if valid:
-                for target in job.items:
-                    target.latents, target.latents_flipped = None, None
-                    target.latents_npz, target.latents_cache_id = job.npz, cache_id
+                _use_disk_file(job, cache_id)
         else:
             valid = _ram_reusable(job, cache_id)
         if valid:
@@ -197,15 +313,24 @@ def cache_latents(
         from tqdm import tqdm
 
         progress = tqdm(total=len(pending), desc="caching latents", unit="img")
+    unreadable = 0
     for batch in _batches(pending, batch_size):
-        bucket, need_flipped = batch[0].first.bucket, batch[0].need_flipped
-        pixels = torch.stack([load_image_tensor(j.first.path, j.first.assignment) for j in batch])
-        latents = _encode(encode, pixels, bucket, downscale)
-        flipped = _encode(encode, torch.flip(pixels, dims=[3]), bucket, downscale) if need_flipped else None
-        for i, job in enumerate(batch):
-            _store(job, latents[i], None if flipped is None else flipped[i], cache_id)
+        loaded = [(job, _load(job, group)) for job in batch]
+        unreadable += sum(image is None for _, image in loaded)
+        loaded = [(job, image) for job, image in loaded if image is not None]
+        if loaded:
+            bucket = batch[0].first.bucket
+            pixels = torch.stack([image.pixels for _, image in loaded])
+            latents = _encode(encode, pixels, bucket, downscale)
+            flipped = None
+            if batch[0].need_flipped:
+                flipped = _encode(encode, torch.flip(pixels, dims=[3]), bucket, downscale)
+            for i, (job, image) in enumerate(loaded):
+                _store(job, latents[i], None if flipped is None else flipped[i], image.mask, cache_id)
         if progress is not None:
             progress.update(len(batch))
     if progress is not None:
         progress.close()
-    return CacheReport(reused=reused, encoded=len(pending), to_disk=to_disk)
+    return CacheReport(
+        reused=reused, encoded=len(pending) - unreadable, to_disk=to_disk, unreadable=unreadable
+    )

@@ -1,20 +1,37 @@
 """kohya-compatible latent cache files: `<stem>_<WWWW>x<HHHH><suffix>.npz` next to each image.
 
 Keys as kohya writes them: `latents` (C, h, w) float32, `original_size` [w, h], `crop_ltrb` [l, t, r, b],
-optional `latents_flipped`. We add `cache_id` (a string naming the encoder) so a cache made by another VAE is
-not reused; kohya files lack it and are accepted when everything else matches.
+optional `latents_flipped` and `alpha_mask` (H, W) float32 in [0, 1] at the bucket's pixel size. kohya
+users can keep their caches: a file without our keys is reused when its shapes, sizes, crop, flipped
+latents and mask match, which is all kohya itself checks.
+
+We add keys recording everything else the latents depend on, so a cache we wrote is never stale:
+
+* `cache_id`: the encoder (VAE) identity;
+* `image_file`: [size in bytes, mtime in ns] of the image. A content hash would read every image in full at
+  each start (minutes for a large dataset on a slow disk); size and mtime change whenever an image is
+  edited or replaced, and a copy that resets the mtime only costs a rebuild, never a stale latent;
+* `bucket_reso` [w, h] and `pixel_crop` [resized w, resized h, left, top]: the exact pixels that were encoded;
+* `resize_interpolation`: the resampling filter ("auto" = kohya's default);
+* `mask_source`: where `alpha_mask` came from ("alpha", or a mask file with its size and mtime).
+
+A file holding more than needed (flipped latents or a mask nobody asks for) is still valid.
 """
 
 from __future__ import annotations
 
 import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from library.errors import UserError
+
+_KOHYA_KEYS = {"latents", "original_size", "crop_ltrb"}
+_READ_ERRORS = (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError)
 
 
 def latents_npz_path(image_path: Path, original_size: tuple[int, int], file_suffix: str = "_sd") -> Path:
@@ -27,16 +44,81 @@ def latent_hw(bucket: tuple[int, int], downscale: int) -> tuple[int, int]:
     return bucket[1] // downscale, bucket[0] // downscale
 
 
+def file_stamp(path: Path) -> tuple[int, int]:
+    """(size in bytes, mtime in ns): cheap evidence that a file is unchanged."""
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+@dataclass(frozen=True)
+class LatentDeps:
+    """Everything a cached latent depends on; a cache file is valid when all of it matches."""
+
+    cache_id: str
+    image_file: tuple[int, int]  # file_stamp of the image
+    original_size: tuple[int, int]
+    bucket: tuple[int, int]
+    pixel_crop: tuple[int, int, int, int]  # resized w, h, crop left, top
+    crop_ltrb: tuple[float, float, float, float]  # kohya's value (not the pixel crop)
+    resize_interpolation: str  # "auto" = area when shrinking, lanczos when enlarging
+    mask_source: str | None  # None (no mask), "alpha", or "file:<name>:<size>:<mtime_ns>"
+
+    def recorded(self) -> dict[str, np.ndarray]:
+        """Our extra npz keys (mask_source only with a mask)."""
+        arrays = {
+            "cache_id": np.array(self.cache_id),
+            "image_file": np.array(self.image_file, dtype=np.int64),
+            "bucket_reso": np.array(self.bucket, dtype=np.int64),
+            "pixel_crop": np.array(self.pixel_crop, dtype=np.int64),
+            "resize_interpolation": np.array(self.resize_interpolation),
+        }
+        if self.mask_source is not None:
+            arrays["mask_source"] = np.array(self.mask_source)
+        return arrays
+
+
+def _shape(npz: np.lib.npyio.NpzFile, key: str) -> tuple[int, ...] | None:
+    """An array's shape from its .npy header only: validating 10k files must not read 10k latents."""
+    if key not in npz.files:
+        return None
+    with npz.zip.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, _ = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, _ = np.lib.format.read_array_header_2_0(f)
+    return tuple(shape)
+
+
+def _matches(npz: np.lib.npyio.NpzFile, deps: LatentDeps, downscale: int, need_flipped: bool) -> bool:
+    files = set(npz.files)
+    if not files >= _KOHYA_KEYS:
+        return False
+    shape = _shape(npz, "latents")
+    if shape is None or len(shape) != 3 or shape[1:] != latent_hw(deps.bucket, downscale):
+        return False
+    if need_flipped and _shape(npz, "latents_flipped") != shape:
+        return False
+    if deps.mask_source is not None and _shape(npz, "alpha_mask") != (deps.bucket[1], deps.bucket[0]):
+        return False
+    if npz["original_size"].tolist() != list(deps.original_size):
+        return False
+    if not np.allclose(npz["crop_ltrb"].astype(np.float64), deps.crop_ltrb):
+        return False
+    if "cache_id" in files and str(npz["cache_id"]) != deps.cache_id:
+        return False
+    if "image_file" not in files:
+        # Made by kohya (or by an older version of ours): only what kohya records can be checked. kohya masks
+        # are always alpha masks; a mask file's version is unknown, so such a cache is rebuilt.
+        return deps.mask_source in (None, "alpha")
+    for key, expected in deps.recorded().items():
+        if key not in files or npz[key].tolist() != expected.tolist():
+            return False
+    return True
+
+
 def is_valid_npz(
-    path: Path,
-    *,
-    bucket: tuple[int, int],
-    downscale: int,
-    original_size: tuple[int, int],
-    crop_ltrb: tuple[float, float, float, float],
-    need_flipped: bool,
-    cache_id: str,
-    skip_check: bool = False,
+    path: Path, deps: LatentDeps, *, downscale: int, need_flipped: bool, skip_check: bool = False
 ) -> bool:
     """Whether a cache file can be used as is; any unreadable file counts as invalid (and gets rewritten)."""
     if not path.is_file():
@@ -45,43 +127,33 @@ def is_valid_npz(
         return True
     try:
         with np.load(path) as npz:
-            files = set(npz.files)
-            if not {"latents", "original_size", "crop_ltrb"} <= files:
-                return False
-            latents = npz["latents"]
-            if latents.ndim != 3 or tuple(latents.shape[1:]) != latent_hw(bucket, downscale):
-                return False
-            if need_flipped and (
-                "latents_flipped" not in files or npz["latents_flipped"].shape != latents.shape
-            ):
-                return False
-            if "cache_id" in files and str(npz["cache_id"]) != cache_id:
-                return False
-            if npz["original_size"].tolist() != list(original_size):
-                return False
-            return bool(np.allclose(npz["crop_ltrb"].astype(np.float64), crop_ltrb))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+            return _matches(npz, deps, downscale, need_flipped)
+    except _READ_ERRORS:
         return False
 
 
 def write_npz(
     path: Path,
     latents: torch.Tensor,
+    deps: LatentDeps,
     *,
-    original_size: tuple[int, int],
-    crop_ltrb: tuple[float, float, float, float],
-    cache_id: str,
     latents_flipped: torch.Tensor | None = None,
+    alpha_mask: torch.Tensor | None = None,
 ) -> None:
-    """Write atomically (temp file, then rename) so an interrupted run never leaves a half-written cache."""
+    """Write atomically (temp file, then rename) so an interrupted run never leaves a half-written cache.
+
+    `alpha_mask` is uint8 [H, W] (0..255) and stored as kohya does: float32 in [0, 1].
+    """
     arrays = {
         "latents": latents.to(torch.float32).numpy(),
-        "original_size": np.array(original_size),
-        "crop_ltrb": np.array(crop_ltrb),
-        "cache_id": np.array(cache_id),
+        "original_size": np.array(deps.original_size),
+        "crop_ltrb": np.array(deps.crop_ltrb),
+        **deps.recorded(),
     }
     if latents_flipped is not None:
         arrays["latents_flipped"] = latents_flipped.to(torch.float32).numpy()
+    if alpha_mask is not None:
+        arrays["alpha_mask"] = alpha_mask.numpy().astype(np.float32) / 255.0
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -94,19 +166,32 @@ def write_npz(
         ) from None
 
 
-def read_latents(path: Path, bucket: tuple[int, int], downscale: int, flipped: bool) -> torch.Tensor:
-    """Latents (or flipped latents) of one image from its cache file, checked against its bucket."""
+def read_cached(
+    path: Path, bucket: tuple[int, int], downscale: int, *, flipped: bool, mask: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Latents (or flipped latents) of one image, and its mask (float32 [1, H, W], flipped too) when asked."""
     key = "latents_flipped" if flipped else "latents"
     try:
         with np.load(path) as npz:
             array = npz[key]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+            mask_array = npz["alpha_mask"] if mask else None
+    except _READ_ERRORS:
+        wanted = f"{key} and alpha_mask" if mask else key
         raise UserError(
-            f"latent cache {path} is missing, unreadable or lacks {key}; run latent caching again"
+            f"latent cache {path} is missing, unreadable or lacks {wanted}; run latent caching again"
         ) from None
     if array.ndim != 3 or tuple(array.shape[1:]) != latent_hw(bucket, downscale):
         raise UserError(
             f"latent cache {path} has shape {tuple(array.shape)}, which does not fit bucket "
             f"{bucket[0]}x{bucket[1]}; run latent caching again"
         )
-    return torch.from_numpy(array.astype(np.float32, copy=False))
+    latents = torch.from_numpy(array.astype(np.float32, copy=False))
+    if mask_array is None:
+        return latents, None
+    if mask_array.shape != (bucket[1], bucket[0]):
+        raise UserError(
+            f"latent cache {path} has an alpha_mask of shape {mask_array.shape}, which does not fit bucket "
+            f"{bucket[0]}x{bucket[1]}; run latent caching again"
+        )
+    mask_tensor = torch.from_numpy(mask_array.astype(np.float32, copy=False)).unsqueeze(0)
+    return latents, mask_tensor.flip(-1) if flipped else mask_tensor

@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from library.data.dataset import BuiltDataset, ImageItem
+
+_LISTED = 5  # images named in one plan line; the rest are counted
+_MOST_CROPPED = 3
+
+
+@dataclass(frozen=True)
+class TrainingNumbers:
+    """The training schedule as plain values, for the steps line of the plan."""
+
+    max_train_steps: int
+    num_epochs: int
+    batches_per_epoch: int  # per process
+    gradient_accumulation_steps: int = 1
+    num_processes: int = 1
+    from_epochs: bool = False  # True: the steps follow from --max_train_epochs, else --max_train_steps
 
 
 def _bucket_mode(ds: BuiltDataset) -> str:
@@ -42,7 +61,7 @@ def _subset_rows(ds: BuiltDataset) -> list[list[str]]:
         if subset.is_reg and items[index] != used[index] * subset.num_repeats:
             repeats += " (balanced)"
         kind = "reg" if subset.is_reg else "train"
-        rows.append([kind, images, repeats, str(items[index]), str(subset.image_dir)])
+        rows.append([kind, images, repeats, str(items[index]), str(subset.metadata_file or subset.image_dir)])
     return rows
 
 
@@ -58,8 +77,89 @@ def _bucket_rows(ds: BuiltDataset) -> list[list[str]]:
     return rows
 
 
-def plan_text(datasets: list[BuiltDataset], num_batches: int) -> str:
-    """The table printed before training: datasets, subsets, buckets, batches, skips and notes."""
+def _names(paths: Iterable[Path]) -> str:
+    names = [p.name for p in paths]
+    more = f" and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
+    return ", ".join(names[:_LISTED]) + more
+
+
+def _validation_lines(ds: BuiltDataset, run_seed: int | None) -> list[str]:
+    spec = ds.spec
+    if not ds.validation_items:
+        if spec.validation_split > 0:
+            return [
+                f"  note: validation_split {spec.validation_split} holds out no image (too few per subset)"
+            ]
+        return []
+    counts = Counter(item.bucket for item in ds.validation_items)
+    rows = [
+        [f"{w}x{h}", str(n), str(math.ceil(n / spec.batch_size)), ""] for (w, h), n in sorted(counts.items())
+    ]
+    batches = sum(math.ceil(n / spec.batch_size) for n in counts.values())
+    seed = spec.validation_seed if spec.validation_seed is not None else f"{run_seed} (the run's seed)"
+    names = _names(i.path for i in ds.validation_items)
+    return [
+        f"  validation, held out and never trained on (validation_split {spec.validation_split}, seed "
+        f"{seed}): {len(ds.validation_items)} images, {batches} batches, no repeats: {names}",
+        *_table(["validation", "images", "batches", ""], rows),
+    ]
+
+
+def _small_bucket_lines(ds: BuiltDataset) -> list[str]:
+    """Buckets with fewer items than a batch: kohya trains them as one smaller batch; say so."""
+    size = ds.spec.batch_size
+    return [
+        f"  note: bucket {w}x{h} has {len(members)} item(s) (images x repeats), fewer than batch size "
+        f"{size}, so it trains as a smaller batch of {len(members)}: "
+        + _names(ds.items[i].path for i in dict.fromkeys(members))
+        for (w, h), members in ds.buckets
+        if len(members) < size
+    ]
+
+
+def _most_cropped_lines(ds: BuiltDataset) -> list[str]:
+    """The images whose aspect ratio fits their bucket worst, with the share of pixels cut off."""
+    cropped = [i for i in ds.items if i.assignment.resized_size != i.assignment.bucket]
+    if not cropped:
+        return []
+    lines = [f"  most cropped ({len(cropped)} of {len(ds.items)} images are cropped to fit their bucket):"]
+    for item in sorted(cropped, key=lambda i: -abs(i.assignment.ar_error))[:_MOST_CROPPED]:
+        (w, h), (bw, bh), (rw, rh) = item.original_size, item.bucket, item.assignment.resized_size
+        cut = 1 - (bw * bh) / (rw * rh)
+        lines.append(
+            f"    {item.path.name}: {w}x{h} -> {bw}x{bh}, aspect-ratio error "
+            f"{abs(item.assignment.ar_error):.3f}, {cut:.1%} cut off"
+        )
+    return lines
+
+
+def _steps_line(t: TrainingNumbers) -> str:
+    per_epoch = math.ceil(t.batches_per_epoch / t.gradient_accumulation_steps)
+    procs = f" per process ({t.num_processes} processes)" if t.num_processes > 1 else ""
+    accum = (
+        f", gradient accumulation {t.gradient_accumulation_steps}"
+        if t.gradient_accumulation_steps > 1
+        else ""
+    )
+    source = (
+        f"--max_train_epochs {t.num_epochs}" if t.from_epochs else f"--max_train_steps {t.max_train_steps}"
+    )
+    partial = " (the last one partly)" if t.max_train_steps % per_epoch else ""
+    return (
+        f"Steps: {t.batches_per_epoch} batches per epoch{procs}{accum} = {per_epoch} optimizer steps per "
+        f"epoch; {t.max_train_steps} steps in {t.num_epochs} epochs{partial}, from {source}"
+    )
+
+
+def plan_text(
+    datasets: list[BuiltDataset],
+    num_batches: int,
+    training: TrainingNumbers | None = None,
+    cache: str | None = None,
+    seed: int | None = None,
+) -> str:
+    """The table printed before training: datasets, subsets, buckets, batches, validation, skips, notes and,
+    when given, the training steps and a latent-cache summary (`cache`, one line)."""
     lines: list[str] = []
     for n, ds in enumerate(datasets, 1):
         spec = ds.spec
@@ -69,6 +169,10 @@ def plan_text(datasets: list[BuiltDataset], num_batches: int) -> str:
         )
         lines += _table(["kind", "images", "repeats", "items", "folder"], _subset_rows(ds))
         lines += _table(["bucket", "images", "items", "batches", ""], _bucket_rows(ds))
+        lines += _validation_lines(ds, seed)
+        lines += _small_bucket_lines(ds)
+        lines += _most_cropped_lines(ds)
+        lines += [f"  WARNING: {warning}" for warning in ds.warnings]
         lines += [f"  note: {note}" for note in ds.notes]
         lines.append("")
     images = sum(len(ds.items) for ds in datasets)
@@ -77,6 +181,10 @@ def plan_text(datasets: list[BuiltDataset], num_batches: int) -> str:
         f"Total: {len(datasets)} dataset(s), {images} images, {items} items (images x repeats), "
         f"{num_batches} batches per epoch"
     )
+    if training is not None:
+        lines.append(_steps_line(training))
+    if cache:
+        lines.append(cache)
     skipped = [(path, reason) for ds in datasets for path, reason in ds.skipped]
     if skipped:
         lines.append(f"Skipped images ({len(skipped)}):")
@@ -111,26 +219,35 @@ def dataset_metadata(ds: BuiltDataset) -> dict[str, Any]:
         {
             "img_count": ds.subset_image_counts[i],
             "num_repeats": subset.num_repeats,
-            "color_aug": False,
+            "color_aug": subset.color_aug,
             "flip_aug": subset.flip_aug,
             "random_crop": subset.random_crop,
             "shuffle_caption": subset.shuffle_caption,
             "keep_tokens": subset.keep_tokens,
-            "keep_tokens_separator": "",
-            "secondary_separator": None,
-            "enable_wildcard": False,
+            "keep_tokens_separator": subset.keep_tokens_separator,
+            "secondary_separator": subset.secondary_separator,
+            "enable_wildcard": subset.enable_wildcard,
             "caption_prefix": subset.caption_prefix,
             "caption_suffix": subset.caption_suffix,
+            "caption_dropout_rate": subset.caption_dropout_rate,
+            "caption_dropout_every_n_epochs": subset.caption_dropout_every_n_epochs,
+            "caption_tag_dropout_rate": subset.caption_tag_dropout_rate,
+            "token_warmup_min": subset.token_warmup_min,
+            "token_warmup_step": subset.token_warmup_step,
             "image_dir": subset.image_dir.name,
             "class_tokens": subset.class_tokens,
             "is_reg": subset.is_reg,
         }
         for i, subset in enumerate(spec.subsets)
     ]
+    for entry, subset in zip(subsets, spec.subsets, strict=True):
+        if subset.metadata_file is not None:  # kohya: a fine-tune subset names its metadata file instead
+            del entry["class_tokens"], entry["is_reg"]
+            entry["metadata_file"] = subset.metadata_file.name
     # kohya records bucket settings only when bucketing is on.
     bucketed = spec.enable_bucket
     return {
-        "is_dreambooth": True,
+        "is_dreambooth": not any(subset.metadata_file for subset in spec.subsets),
         "batch_size_per_device": spec.batch_size,
         "num_train_images": ds.num_train_images,
         "num_reg_images": ds.num_reg_images,
@@ -161,8 +278,10 @@ def dataset_dirs(datasets: list[BuiltDataset], *, reg: bool = False) -> dict[str
         for index, subset in enumerate(ds.spec.subsets):
             if subset.is_reg != reg:
                 continue
-            name, n = subset.image_dir.name, 2
+            # kohya names a fine-tune subset after its metadata file
+            base = (subset.metadata_file or subset.image_dir).name
+            name, n = base, 2
             while name in dirs:
-                name, n = f"{subset.image_dir.name} ({n})", n + 1
+                name, n = f"{base} ({n})", n + 1
             dirs[name] = {"n_repeats": subset.num_repeats, "img_count": ds.subset_image_counts[index]}
     return dirs

@@ -51,6 +51,7 @@ class Run:
 
 
 def dataset_defaults(config: TrainConfig) -> Any:
+    from library.data.augment import parse_face_crop_range
     from library.data.dataset_config import DatasetDefaults
 
     return DatasetDefaults(
@@ -65,10 +66,27 @@ def dataset_defaults(config: TrainConfig) -> Any:
         shuffle_caption=config.shuffle_caption,
         caption_separator=config.caption_separator,
         keep_tokens=config.keep_tokens,
+        keep_tokens_separator=config.keep_tokens_separator,
+        secondary_separator=config.secondary_separator,
+        enable_wildcard=config.enable_wildcard,
+        caption_prefix=config.caption_prefix,
+        caption_suffix=config.caption_suffix,
+        caption_dropout_rate=config.caption_dropout_rate,
+        caption_dropout_every_n_epochs=config.caption_dropout_every_n_epochs,
+        caption_tag_dropout_rate=config.caption_tag_dropout_rate,
+        token_warmup_min=config.token_warmup_min,
+        token_warmup_step=config.token_warmup_step,
         flip_aug=config.flip_aug,
         random_crop=config.random_crop,
+        color_aug=config.color_aug,
+        face_crop_aug_range=parse_face_crop_range(config.face_crop_aug_range),
+        resize_interpolation=config.resize_interpolation,
+        alpha_mask=config.alpha_mask,
+        masked_loss=config.masked_loss,
         dataset_repeats=config.dataset_repeats,
         prior_loss_weight=config.prior_loss_weight,
+        validation_split=config.validation_split,
+        validation_seed=config.validation_seed,
     )
 
 
@@ -79,9 +97,19 @@ def build_dataset(config: TrainConfig, family: ModelFamily, seed: int) -> Any:
 
     defaults = dataset_defaults(config)
     if config.dataset_config:
-        if config.train_data_dir or config.reg_data_dir:
-            log.warning("--dataset_config is set, so --train_data_dir/--reg_data_dir are ignored")
+        if config.train_data_dir or config.reg_data_dir or config.in_json:
+            log.warning("--dataset_config is set, so --train_data_dir/--reg_data_dir/--in_json are ignored")
         specs = load_dataset_blueprint(Path(config.dataset_config), defaults)
+    elif config.in_json:
+        from library.data.finetune import blueprint_from_metadata
+
+        if config.masked_loss and not config.alpha_mask:
+            raise UserError(
+                "--masked_loss needs masks: with --in_json pass --alpha_mask (the images' alpha channel), or use "
+                "a --dataset_config with alpha_mask = true per subset"
+            )
+        image_dir = Path(config.train_data_dir) if config.train_data_dir else None
+        specs = blueprint_from_metadata(Path(config.in_json), image_dir, defaults)
     else:
         specs = blueprint_from_dirs(
             Path(config.train_data_dir),
@@ -98,9 +126,25 @@ def build_dataset(config: TrainConfig, family: ModelFamily, seed: int) -> Any:
                 for i in bad
             )
         )
-    return build_dataset_group(
-        specs, seed=seed, prior_loss_weight=config.prior_loss_weight, latent_downscale=family.latent_downscale
-    )
+    problems = []
+    if config.cache_latents or config.cache_latents_to_disk:
+        from library.data.latent_cache import cache_problems
+
+        flag = "--cache_latents_to_disk" if config.cache_latents_to_disk else "--cache_latents"
+        problems = cache_problems((subset for spec in specs for subset in spec.subsets), flag)
+    try:
+        group = build_dataset_group(
+            specs,
+            seed=seed,
+            prior_loss_weight=config.prior_loss_weight,
+            latent_downscale=family.latent_downscale,
+            strict_dataset=config.strict_dataset,
+        )
+    except UserError as exc:
+        raise UserError(*problems, *exc.problems) from None
+    if problems:
+        raise UserError(*problems)
+    return group
 
 
 def make_accelerator(mixed_precision: str) -> Any:
@@ -120,11 +164,19 @@ def weight_dtype_for(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
+def latent_cache_id(config: TrainConfig, family: ModelFamily) -> str:
+    """Names the encoder of the latent cache; the dry run checks disk caches with the same id."""
+    from library.data.latent_cache import encoder_cache_id
+
+    return encoder_cache_id(family.name, Path(config.vae or config.pretrained_model_name_or_path))
+
+
 def cache_latents_if_needed(
     config: TrainConfig, run_family: ModelFamily, bundle: ModelBundle, dataset: Any, device: torch.device
-) -> bool:
+) -> Any:
+    """The CacheReport, or None when latents are not cached."""
     if not (config.cache_latents or config.cache_latents_to_disk):
-        return False
+        return None
     from library.data.latent_cache import cache_latents
 
     vae = bundle.vae.to(device)
@@ -137,7 +189,7 @@ def cache_latents_if_needed(
     report = cache_latents(
         dataset,
         encode,
-        cache_id=f"{run_family.name}:{Path(config.vae or config.pretrained_model_name_or_path).name}",
+        cache_id=latent_cache_id(config, run_family),
         to_disk=config.cache_latents_to_disk,
         batch_size=config.vae_batch_size,
         skip_check=config.skip_cache_check,
@@ -146,7 +198,7 @@ def cache_latents_if_needed(
     bundle.vae.to("cpu")  # the VAE is not needed again; free device memory for training
     if device.type == "cuda" and not config.highvram:
         torch.cuda.empty_cache()
-    return True
+    return report
 
 
 def create_network(
@@ -203,7 +255,7 @@ def prepare(config: TrainConfig, family: ModelFamily) -> Run:
 
 
 def train(config: TrainConfig, family_name: str = "sd") -> Path | None:
-    """Run training; returns the final LoRA path (None when only --output_config was written)."""
+    """Run training; returns the final LoRA path (None after --output_config, --dry_run, --debug_dataset)."""
     if config.output_config:
         # kohya semantics: record the options and stop; nothing runs, so nothing else needs checking.
         write_output_config(config, Path(config.output_config))
@@ -213,6 +265,11 @@ def train(config: TrainConfig, family_name: str = "sd") -> Path | None:
     from library.families import get_family
 
     family = get_family(family_name)
+    if config.dry_run or config.debug_dataset:
+        from library.training.preflight import dry_run
+
+        dry_run(config, family)
+        return None
     run = prepare(config, family)
     from library.training.loop import train_loop
 

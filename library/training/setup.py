@@ -14,6 +14,7 @@ from library.families.base import ModelFamily
 from library.training import run as R
 from library.training.metadata import training_metadata
 from library.training.optim import create_optimizer, create_scheduler, optimizer_path_for, resolve_warmup
+from library.training.preflight import preflight
 from library.training.state import Progress, load_state
 from library.training.step import StepOptions
 from library.validate import parse_key_values, parse_resolution
@@ -47,27 +48,9 @@ def _configure_model(
 
 def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
     started = time.time()
-    seed = R.pick_seed(config)
-    log.info("seed: %d", seed)
-
     # Everything that can fail without weights fails here, dataset and model problems in one report.
-    problems: list[str] = []
-    try:
-        dataset = R.build_dataset(config, family, seed)
-    except UserError as exc:
-        problems += exc.problems
-    try:
-        info = family.inspect(
-            Path(config.pretrained_model_name_or_path),
-            v2=config.v2,
-            v_parameterization=config.v_parameterization,
-        )
-    except UserError as exc:
-        problems += exc.problems
-    if problems:
-        raise UserError(*problems)
-    if R.is_main_process():
-        print(dataset.plan_text(), flush=True)
+    checked = preflight(config, family)
+    seed, dataset, info = checked.seed, checked.dataset, checked.info
     accelerator = R.make_accelerator(config.mixed_precision)
     device = accelerator.device
     weight_dtype = R.weight_dtype_for(accelerator.mixed_precision)
@@ -105,6 +88,12 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
 
     batches_per_epoch = -(-dataset.num_batches_per_epoch // accelerator.num_processes)
     max_steps, num_epochs = R.train_steps_and_epochs(config, batches_per_epoch)
+    # Token warmup counts optimizer steps; DataLoader workers get this with their copy of the group.
+    dataset.set_training_steps(
+        max_steps,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_processes=accelerator.num_processes,
+    )
     warmup = resolve_warmup(config.lr_warmup_steps, max_steps)
     scheduler = create_scheduler(config.lr_scheduler, optimizer, warmup_steps=warmup, total_steps=max_steps)
     optimizer = accelerator.prepare(optimizer)

@@ -46,6 +46,16 @@ def text_conditioning(
         )
 
 
+def apply_loss_mask(per_element: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """kohya's masked loss: the per-element loss [B, C, h, w] times the pixel mask [B, 1, H, W] averaged down
+    to the latent size (area interpolation). The caller's mean then includes the masked-out zeros, as kohya's
+    does, so a mask also scales the loss by its coverage."""
+    masks = torch.nn.functional.interpolate(
+        masks.to(per_element.dtype), size=per_element.shape[2:], mode="area"
+    )
+    return per_element * masks
+
+
 def diffusion_loss(
     family: ModelFamily,
     bundle: ModelBundle,
@@ -64,7 +74,10 @@ def diffusion_loss(
         )
         noisy, target = family.noisy_input_and_target(bundle, latents, noise, timesteps)
         pred = family.predict(bundle, noisy.to(options.weight_dtype), timesteps, cond)
-    per_sample = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
-    per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
+    per_element = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
+    masks = batch.get("masks")
+    if masks is not None:
+        per_element = apply_loss_mask(per_element, masks.to(device, non_blocking=True))
+    per_sample = per_element.mean(dim=tuple(range(1, per_element.ndim)))
     weights = batch["loss_weights"].to(device, non_blocking=True)
     return (per_sample * weights).mean()

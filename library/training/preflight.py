@@ -1,0 +1,119 @@
+"""Everything before any weights load: seed, datasets, model inspection and the printed plan.
+
+A real run starts here; `--dry_run` stops after the plan and `--debug_dataset` after writing its previews.
+This module is at the top layer with run.py and setup.py: it reads the config and passes plain values down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from library.config import TrainConfig
+from library.data.plan import TrainingNumbers
+from library.errors import UserError
+from library.families.base import ModelFamily, ModelInfo
+from library.training import run as R
+
+log = logging.getLogger("loratrain")
+
+
+@dataclass
+class Preflight:
+    seed: int
+    dataset: Any  # DatasetGroup
+    info: ModelInfo
+    numbers: TrainingNumbers
+
+
+def world_size() -> int:
+    """Processes of the launch (accelerate and torchrun set WORLD_SIZE), known before the Accelerator is."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def training_numbers(config: TrainConfig, num_batches: int, num_processes: int) -> TrainingNumbers:
+    batches = -(-num_batches // num_processes)
+    max_steps, num_epochs = R.train_steps_and_epochs(config, batches)
+    return TrainingNumbers(
+        max_train_steps=max_steps,
+        num_epochs=num_epochs,
+        batches_per_epoch=batches,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_processes=num_processes,
+        from_epochs=config.max_train_epochs is not None,
+    )
+
+
+def cache_summary(config: TrainConfig, family: ModelFamily, dataset: Any) -> str | None:
+    """The plan's latent-cache line: disk cache hits and misses (headers only), or what RAM caching does."""
+    if not (config.cache_latents or config.cache_latents_to_disk):
+        return None
+    images = sum(1 for _ in dataset.iter_items())
+    if not config.cache_latents_to_disk:
+        return f"Latent cache (RAM): {images} images will be encoded once the VAE is loaded"
+    from library.data.latent_cache import check_latent_cache
+
+    hits, misses = check_latent_cache(
+        dataset, R.latent_cache_id(config, family), skip_check=config.skip_cache_check
+    )
+    return f"Latent cache (disk): {hits} valid cache files reused, {misses} images to encode"
+
+
+def run_seed(config: TrainConfig) -> int:
+    """Seed every RNG; a resumed run without --seed keeps the seed of the run it continues, because the
+    batch order and the validation split depend on it (a new seed would train on held-out images)."""
+    if config.seed is None and config.resume:
+        from library.training.state import read_progress
+
+        # An unreadable state keeps the new seed: validation reports it, or loading it fails before training.
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            config = replace(config, seed=read_progress(Path(config.resume))[0].seed)
+    return R.pick_seed(config)
+
+
+def preflight(config: TrainConfig, family: ModelFamily) -> Preflight:
+    """Seed, dataset scan and model inspection, all problems in one UserError; prints the plan (rank 0)."""
+    seed = run_seed(config)
+    log.info("seed: %d", seed)
+    problems: list[str] = []
+    try:
+        dataset = R.build_dataset(config, family, seed)
+    except UserError as exc:
+        problems += exc.problems
+    try:
+        info = family.inspect(
+            Path(config.pretrained_model_name_or_path),
+            v2=config.v2,
+            v_parameterization=config.v_parameterization,
+        )
+    except UserError as exc:
+        problems += exc.problems
+    if problems:
+        raise UserError(*problems)
+    numbers = training_numbers(config, dataset.num_batches_per_epoch, world_size())
+    # Token warmup counts optimizer steps; setup repeats this once the Accelerator knows the process count.
+    dataset.set_training_steps(
+        numbers.max_train_steps,
+        gradient_accumulation_steps=numbers.gradient_accumulation_steps,
+        num_processes=numbers.num_processes,
+    )
+    if R.is_main_process():
+        print(dataset.plan_text(numbers, cache_summary(config, family, dataset)), flush=True)
+    return Preflight(seed, dataset, info, numbers)
+
+
+def dry_run(config: TrainConfig, family: ModelFamily) -> None:
+    """`--dry_run` / `--debug_dataset`: the plan (and previews), then stop; no weights are loaded."""
+    checked = preflight(config, family)
+    if not config.debug_dataset:
+        print("dry run: nothing was trained and no weights were loaded", flush=True)
+        return
+    from library.data.debug_preview import write_debug_previews
+
+    folder = Path(config.debug_dataset_dir or Path(config.output_dir or ".") / "debug_dataset")
+    written = write_debug_previews(checked.dataset, folder, epochs=config.debug_dataset_epochs)
+    print(f"debug_dataset: {written} preview images in {folder}; nothing was trained", flush=True)

@@ -60,7 +60,7 @@ def pil_decode(paths: list[Path]) -> float:
 def loader_epoch(group, workers: int) -> tuple[float, int]:
     import torch
 
-    from library.data.dataset import EpochBatchDataset, EpochBatchSampler, identity_collate
+    from library.data.loader import EpochBatchDataset, EpochBatchSampler, identity_collate
 
     loader = torch.utils.data.DataLoader(
         EpochBatchDataset(group),

@@ -12,14 +12,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from library.data.dataset import (
-    DatasetGroup,
-    EpochBatchDataset,
-    EpochBatchSampler,
-    build_dataset_group,
-    identity_collate,
-)
+from library.data.dataset import DatasetGroup, build_dataset_group
 from library.data.dataset_config import DatasetSpec, SubsetSpec
+from library.data.loader import EpochBatchDataset, EpochBatchSampler, identity_collate
 from library.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

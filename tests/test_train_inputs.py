@@ -184,7 +184,7 @@ def test_dataloader_worker_gives_identical_lora(tiny_sd1_dir: Path, data2: Path,
 
 
 def test_dataset_pickles_for_workers(tiny_sd1_dir: Path, data2: Path, tmp_path: Path):
-    from library.data.dataset import EpochBatchDataset
+    from library.data.loader import EpochBatchDataset
     from library.training.loop import make_loader
 
     argv = db_args(tiny_sd1_dir, data2, tmp_path / "out", "--max_train_steps", "1")

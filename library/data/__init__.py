@@ -5,13 +5,7 @@ Nothing here imports a model family; the latent cache takes an encoder callable 
 
 from library.data.bucketing import BucketAssignment, BucketSelector, make_bucket_resolutions
 from library.data.captions import CaptionOptions, process_caption, read_caption
-from library.data.dataset import (
-    DatasetGroup,
-    EpochBatchDataset,
-    EpochBatchSampler,
-    build_dataset_group,
-    identity_collate,
-)
+from library.data.dataset import DatasetGroup, build_dataset_group
 from library.data.dataset_config import (
     DatasetDefaults,
     DatasetSpec,
@@ -20,6 +14,7 @@ from library.data.dataset_config import (
     load_dataset_blueprint,
 )
 from library.data.latent_cache import CacheReport, cache_latents
+from library.data.loader import EpochBatchDataset, EpochBatchSampler, identity_collate
 
 __all__ = [
     "BucketAssignment",

@@ -31,8 +31,9 @@ from library.data.latent_npz import (
 from library.errors import UserError
 
 if TYPE_CHECKING:
-    from library.data.dataset import BuiltDataset, DatasetGroup, ImageItem
+    from library.data.dataset import DatasetGroup
     from library.data.dataset_config import SubsetSpec
+    from library.data.scan import BuiltDataset, ImageItem
 
 logger = logging.getLogger(__name__)
 

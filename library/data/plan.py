@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from library.data.dataset import BuiltDataset, ImageItem
+    from library.data.scan import BuiltDataset, ImageItem
 
 _LISTED = 5  # images named in one plan line; the rest are counted
 _MOST_CROPPED = 3

@@ -24,8 +24,8 @@ from library.data.latent_npz import read_cached
 from library.errors import UserError
 
 if TYPE_CHECKING:
-    from library.data.dataset import BuiltDataset, ImageItem
     from library.data.dataset_config import SubsetSpec
+    from library.data.scan import BuiltDataset, ImageItem
 
 logger = logging.getLogger(__name__)
 _MAX_LISTED = 5

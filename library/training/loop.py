@@ -64,7 +64,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def make_loader(run: Run) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
-    from library.data.dataset import EpochBatchDataset
+    from library.data.loader import EpochBatchDataset
 
     acc = run.accelerator
     sampler = EpochSampler(run.dataset.num_batches_per_epoch, acc.process_index, acc.num_processes)
@@ -181,7 +181,7 @@ def train_loop(run: Run) -> Path:
 def _train_loop(run: Run) -> Path:
     from tqdm import tqdm
 
-    from library.data.dataset import raise_if_failed
+    from library.data.loader import raise_if_failed
 
     acc, cfg, progress = run.accelerator, run.config, run.progress
     loader, sampler = make_loader(run)

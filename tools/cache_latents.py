@@ -60,33 +60,11 @@ def cache_to_disk(argv: list[str], *, family_name: str = "sd", prog: str = "cach
     config = replace(config, cache_latents=True, cache_latents_to_disk=True)
     family = get_family(family_name)
     seed = R.pick_seed(config)  # the VAE samples its posterior: a seed makes the cache reproducible
-    problems = []
-    try:
-        dataset = R.build_dataset(config, family, seed)
-    except UserError as exc:
-        problems += exc.problems
-    try:
-        info = family.inspect(
-            Path(config.pretrained_model_name_or_path),
-            v2=config.v2,
-            v_parameterization=config.v_parameterization,
-        )
-    except UserError as exc:
-        problems += exc.problems
-    if problems:
-        raise UserError(*problems)
+    dataset, info = R.scan_dataset_and_model(config, family, seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # As in training: the VAE runs in the mixed-precision dtype unless --no_half_vae (never halved on CPU).
     dtype = R.weight_dtype_for(config.mixed_precision) if device.type == "cuda" else torch.float32
-    bundle = family.load(
-        info,
-        vae_path=Path(config.vae) if config.vae else None,
-        tokenizer_path=Path(config.tokenizer_path) if config.tokenizer_path else None,
-        dtype=dtype,
-        tokenizer_cache_dir=Path(config.tokenizer_cache_dir) if config.tokenizer_cache_dir else None,
-    )
-    if not config.no_half_vae:
-        bundle.vae.to(dtype=dtype)
+    bundle = R.load_bundle(config, family, info, dtype)
     report = R.cache_latents_if_needed(config, family, bundle, dataset, device)
     bad = f", {report.unreadable} unreadable images skipped" if report.unreadable else ""
     return f"latents cached to disk: {report.encoded} encoded, {report.reused} reused{bad}"

@@ -15,7 +15,6 @@ from typing import Any
 
 from library.config import TrainConfig
 from library.data.plan import TrainingNumbers
-from library.errors import UserError
 from library.families.base import ModelFamily, ModelInfo
 from library.training import run as R
 
@@ -79,21 +78,7 @@ def preflight(config: TrainConfig, family: ModelFamily) -> Preflight:
     """Seed, dataset scan and model inspection, all problems in one UserError; prints the plan (rank 0)."""
     seed = run_seed(config)
     log.info("seed: %d", seed)
-    problems: list[str] = []
-    try:
-        dataset = R.build_dataset(config, family, seed)
-    except UserError as exc:
-        problems += exc.problems
-    try:
-        info = family.inspect(
-            Path(config.pretrained_model_name_or_path),
-            v2=config.v2,
-            v_parameterization=config.v_parameterization,
-        )
-    except UserError as exc:
-        problems += exc.problems
-    if problems:
-        raise UserError(*problems)
+    dataset, info = R.scan_dataset_and_model(config, family, seed)
     numbers = training_numbers(config, dataset.num_batches_per_epoch, world_size())
     # Token warmup counts optimizer steps; setup repeats this once the Accelerator knows the process count.
     dataset.set_training_steps(

@@ -147,6 +147,41 @@ def build_dataset(config: TrainConfig, family: ModelFamily, seed: int) -> Any:
     return group
 
 
+def scan_dataset_and_model(config: TrainConfig, family: ModelFamily, seed: int) -> tuple[Any, Any]:
+    """The dataset scan and the model inspection (no weights), their problems reported together."""
+    problems: list[str] = []
+    dataset = info = None
+    try:
+        dataset = build_dataset(config, family, seed)
+    except UserError as exc:
+        problems += exc.problems
+    try:
+        info = family.inspect(
+            Path(config.pretrained_model_name_or_path),
+            v2=config.v2,
+            v_parameterization=config.v_parameterization,
+        )
+    except UserError as exc:
+        problems += exc.problems
+    if problems:
+        raise UserError(*problems)
+    return dataset, info
+
+
+def load_bundle(config: TrainConfig, family: ModelFamily, info: Any, dtype: torch.dtype) -> ModelBundle:
+    """Load the model's weights in `dtype`; the VAE follows kohya: halved unless --no_half_vae."""
+    bundle = family.load(
+        info,
+        vae_path=Path(config.vae) if config.vae else None,
+        tokenizer_path=Path(config.tokenizer_path) if config.tokenizer_path else None,
+        dtype=dtype,
+        tokenizer_cache_dir=Path(config.tokenizer_cache_dir) if config.tokenizer_cache_dir else None,
+    )
+    if not config.no_half_vae and dtype != torch.float32:
+        bundle.vae.to(dtype=dtype)
+    return bundle
+
+
 def make_accelerator(mixed_precision: str) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState

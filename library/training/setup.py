@@ -55,15 +55,7 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
     device = accelerator.device
     weight_dtype = R.weight_dtype_for(accelerator.mixed_precision)
 
-    bundle = family.load(
-        info,
-        vae_path=Path(config.vae) if config.vae else None,
-        tokenizer_path=Path(config.tokenizer_path) if config.tokenizer_path else None,
-        dtype=weight_dtype,
-        tokenizer_cache_dir=Path(config.tokenizer_cache_dir) if config.tokenizer_cache_dir else None,
-    )
-    if not config.no_half_vae and weight_dtype != torch.float32:
-        bundle.vae.to(dtype=weight_dtype)  # kohya halves the VAE unless --no_half_vae
+    bundle = R.load_bundle(config, family, info, weight_dtype)
     cached = R.cache_latents_if_needed(config, family, bundle, dataset, device)
     if not cached:
         bundle.vae.to(device)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from library.config_loss import LossNoiseOptions
 from library.errors import UserError, did_you_mean
 
 GROUPS = {
@@ -28,6 +29,8 @@ GROUPS = {
     "precision": "Precision, attention and memory",
     "saving": "Saving and resuming",
     "logging": "Logging",
+    "sampling": "Sample images and validation loss during training",
+    "loss": "Loss, noise and timesteps",
     "config": "Config files",
 }
 
@@ -46,7 +49,7 @@ def default_of(f: dataclasses.Field) -> Any:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(LossNoiseOptions):
     # --- model
     pretrained_model_name_or_path: str | None = flag(
         None, "model", "base model: a diffusers folder or a single .safetensors/.ckpt checkpoint (required)"
@@ -225,6 +228,12 @@ class TrainConfig:
     max_token_length: int | None = flag(
         None, "training", "caption tokens: 75 (default), 150 or 225", choices=[None, 75, 150, 225]
     )
+    weighted_captions: bool = flag(
+        False,
+        "training",
+        "caption weights in kohya's syntax: (word) x1.1, [word] /1.1, (word:1.3); \\( for a literal bracket. "
+        "Keep commas out of brackets when tags are shuffled or dropped",
+    )
     min_timestep: int | None = flag(None, "training", "lowest sampled timestep (default 0)")
     max_timestep: int | None = flag(None, "training", "highest sampled timestep, exclusive (default 1000)")
     dry_run: bool = flag(
@@ -235,18 +244,71 @@ class TrainConfig:
     )
     # --- optimizer
     optimizer_type: str = flag(
-        "AdamW", "optimizer", "AdamW, AdamW8bit, or any dotted class path (torch.optim.SGD)"
+        "AdamW",
+        "optimizer",
+        "kohya name (case-insensitive): AdamW, AdamW8bit, PagedAdamW(8bit|32bit), Lion, Lion8bit, "
+        "PagedLion8bit, SGDNesterov(8bit), Adafactor, Prodigy, DAdaptation/DAdaptAdam/DAdaptAdaGrad/"
+        "DAdaptAdan/DAdaptAdanIP/DAdaptLion/DAdaptSGD/DAdaptAdamPreprint, AdamWScheduleFree, "
+        "RAdamScheduleFree, SGDScheduleFree; or any dotted class path (torch.optim.SGD)",
     )
     optimizer_args: list[str] = flag(
         [], "optimizer", "optimizer options as key=value (weight_decay=0.01 ...)", nargs="*"
     )
+    use_8bit_adam: bool = flag(False, "optimizer", "legacy kohya flag: same as --optimizer_type AdamW8bit")
+    use_lion_optimizer: bool = flag(False, "optimizer", "legacy kohya flag: same as --optimizer_type Lion")
     learning_rate: float = flag(2e-6, "optimizer", "base learning rate")
-    lr_scheduler: str = flag("constant", "optimizer", "constant, constant_with_warmup, linear or cosine")
-    lr_warmup_steps: float = flag(
-        0, "optimizer", "warmup steps (a value below 1 is a fraction of the training steps)"
+    lr_scheduler: str = flag(
+        "constant",
+        "optimizer",
+        "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, inverse_sqrt, "
+        "cosine_with_min_lr, warmup_stable_decay, piecewise_constant (--lr_scheduler_args step_rules=...), "
+        "adafactor",
+    )
+    lr_warmup_steps: str = flag(
+        "0", "optimizer", 'warmup steps; a value below 1 or "10%%" is a fraction of the training steps'
+    )
+    lr_decay_steps: str = flag(
+        "0",
+        "optimizer",
+        'decay steps of warmup_stable_decay; a value below 1 or "10%%" is a fraction of the training steps',
+    )
+    lr_scheduler_num_cycles: int = flag(1, "optimizer", "cosine_with_restarts: number of cosine cycles")
+    lr_scheduler_power: float = flag(1.0, "optimizer", "polynomial: power of the decay (1 = linear)")
+    lr_scheduler_timescale: int | None = flag(
+        None, "optimizer", "inverse_sqrt: time scale in steps (default: the warmup steps, else 10000)"
+    )
+    lr_scheduler_min_lr_ratio: float | None = flag(
+        None,
+        "optimizer",
+        "cosine_with_min_lr (required) and warmup_stable_decay: the lowest lr as a fraction of the base lr",
+    )
+    lr_scheduler_type: str = flag(
+        "", "optimizer", "any scheduler class (a bare name means torch.optim.lr_scheduler.NAME)"
+    )
+    lr_scheduler_args: list[str] = flag(
+        [],
+        "optimizer",
+        "scheduler options as key=value: step_rules for piecewise_constant, or --lr_scheduler_type's arguments",
+        nargs="*",
+    )
+    scale_weight_norms: float | None = flag(
+        None,
+        "optimizer",
+        "max-norm regularisation: after each step scale down every LoRA module whose weight norm exceeds "
+        "this (kohya recommends 1.0); logs max_norm/* and shows keys_scaled in the progress bar",
     )
     # --- precision / memory
     mixed_precision: str = flag("no", "precision", "autocast precision", choices=["no", "fp16", "bf16"])
+    full_fp16: bool = flag(
+        False,
+        "precision",
+        "LoRA parameters and gradients in fp16 (needs --mixed_precision fp16; saves memory)",
+    )
+    full_bf16: bool = flag(
+        False,
+        "precision",
+        "LoRA parameters and gradients in bf16 (needs --mixed_precision bf16; saves memory)",
+    )
     no_half_vae: bool = flag(False, "precision", "keep the VAE in float32")
     xformers: bool = flag(False, "precision", "xformers attention (optional package)")
     sdpa: bool = flag(False, "precision", "PyTorch scaled-dot-product attention (the default anyway)")
@@ -274,11 +336,55 @@ class TrainConfig:
     metadata_description: str | None = flag(None, "saving", "modelspec description")
     metadata_license: str | None = flag(None, "saving", "modelspec license")
     metadata_tags: str | None = flag(None, "saving", "modelspec tags (comma separated)")
+    save_last_n_epochs: int | None = flag(
+        None, "saving", "keep only the LoRA files of the last N epoch saves (older ones are deleted)"
+    )
+    save_last_n_steps: int | None = flag(
+        None, "saving", "keep only the step saves of the last N steps (older ones are deleted)"
+    )
+    save_last_n_epochs_state: int | None = flag(
+        None, "saving", "keep only the states of the last N epoch saves (default: --save_last_n_epochs)"
+    )
+    save_last_n_steps_state: int | None = flag(
+        None, "saving", "keep only the step states of the last N steps (default: --save_last_n_steps)"
+    )
     # --- logging
     logging_dir: str | None = flag(None, "logging", "write TensorBoard logs under this folder")
     log_prefix: str | None = flag(None, "logging", "prefix of the TensorBoard run folder name")
     log_with: str | None = flag(
-        None, "logging", "tensorboard (default when --logging_dir is set)", choices=[None, "tensorboard"]
+        None,
+        "logging",
+        "tensorboard (the default with --logging_dir), wandb (pip install wandb) or all",
+        choices=[None, "tensorboard", "wandb", "all"],
+    )
+    log_tracker_name: str | None = flag(None, "logging", "wandb project name (default: network_train)")
+    log_config: bool = flag(False, "logging", "log the options (without secrets and paths) to the trackers")
+    # --- sampling and validation
+    sample_prompts: str | None = flag(
+        None,
+        "sampling",
+        "kohya prompt file for sample images (.txt lines 'prompt --n neg --w 512 --h 512 --s 30 --l 7.5 "
+        "--d seed --ss sampler', or .toml/.json); images go to <output_dir>/sample/",
+    )
+    sample_every_n_steps: int | None = flag(None, "sampling", "sample images every N optimizer steps")
+    sample_every_n_epochs: int | None = flag(
+        None, "sampling", "sample images every N epochs (wins over --sample_every_n_steps, as kohya)"
+    )
+    sample_at_first: bool = flag(False, "sampling", "also sample images before the first step")
+    sample_sampler: str = flag(
+        "ddim",
+        "sampling",
+        "sampler: ddim, ddpm, pndm, lms, euler, euler_a, heun, dpm_2, dpm_2_a, dpmsolver, dpmsolver++, "
+        "dpmsingle (k_* aliases accepted); --ss in a prompt line overrides it",
+    )
+    validate_every_n_steps: int | None = flag(
+        None, "sampling", "compute the validation loss every N steps (needs a validation split)"
+    )
+    validate_every_n_epochs: int | None = flag(
+        None, "sampling", "compute the validation loss every N epochs (default: every epoch when split)"
+    )
+    max_validation_steps: int | None = flag(
+        None, "sampling", "validation batches per evaluation (default: all held-out images)"
     )
     # --- config files
     config_file: str | None = flag(None, "config", "TOML or YAML file with any of these options (CLI wins)")
@@ -529,6 +635,31 @@ def write_output_config(config: TrainConfig, path: Path) -> None:
         grouped.setdefault(_FIELDS[name].metadata["group"], {})[name] = value
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(toml.dumps(grouped), encoding="utf-8")
+
+
+# Never sent to a tracker by --log_config (kohya's filter): secrets, and paths that reveal the user's files.
+_NOT_LOGGED = {"wandb_api_key", "huggingface_token", "config_file", "output_config"}
+
+
+def loggable_options(config: TrainConfig) -> dict[str, Any]:
+    """The options for --log_config: no secrets, no paths (names ending in _dir/_path/_file/_json, model,
+    VAE, dataset, resume, weight and prompt files)."""
+    paths = {
+        "vae",
+        "dataset_config",
+        "in_json",
+        "resume",
+        "network_weights",
+        "sample_prompts",
+        "tokenizer_path",
+    }
+    return {
+        name: getattr(config, name)
+        for name in _FIELDS
+        if name not in _NOT_LOGGED
+        and name not in paths
+        and not name.endswith(("_dir", "_path", "_file", "_name_or_path"))
+    }
 
 
 def config_as_json(config: TrainConfig) -> str:

@@ -11,8 +11,6 @@ from typing import Any
 from library.config import TrainConfig
 from library.errors import UserError
 
-BUILTIN_OPTIMIZERS = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit"}
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 MODEL_EXTENSIONS = {"safetensors": ".safetensors", "ckpt": ".ckpt", "pt": ".pt"}
 # Files a --resume state folder must hold (library.training.state writes them; scaler.pt is optional).
 STATE_FILES = ("network.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt")
@@ -51,10 +49,6 @@ def parse_key_values(items: list[str], flag: str) -> tuple[dict[str, Any], list[
     return values, problems
 
 
-def optimizer_class_path(optimizer_type: str) -> str:
-    return BUILTIN_OPTIMIZERS.get(optimizer_type.lower(), optimizer_type)
-
-
 # kohya's base names when --output_name is unset: epoch saves, step saves, the final save (and their states).
 DEFAULT_OUTPUT_NAMES = {"epoch": "epoch", "step": "at", "last": "last"}
 
@@ -80,6 +74,35 @@ def _positive(config: TrainConfig, names: list[str], problems: list[str]) -> Non
         value = getattr(config, name)
         if value is not None and value <= 0:
             problems.append(f"--{name} must be positive, got {value}")
+
+
+def _check_loss_noise(config: TrainConfig, problems: list[str]) -> None:
+    """kohya's loss/noise flag rules (train_util.verify_training_args) plus ranges kohya leaves to crash."""
+    if config.adaptive_noise_scale is not None and config.noise_offset is None:
+        problems.append(
+            "--adaptive_noise_scale needs --noise_offset (it adds to the offset); set --noise_offset (e.g. 0.05)"
+        )
+    if config.noise_offset is not None and config.multires_noise_iterations is not None:
+        problems.append(
+            "--noise_offset and --multires_noise_iterations exclude each other (kohya: both reshape the noise); "
+            "pick one"
+        )
+    if config.huber_c <= 0:  # the exponential schedule takes its log
+        problems.append(f"--huber_c must be positive, got {config.huber_c}")
+    for name in ("min_snr_gamma", "multires_noise_iterations"):
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            problems.append(f"--{name} must be positive, got {value}")
+    for name in (
+        "noise_offset",
+        "ip_noise_gamma",
+        "v_pred_like_loss",
+        "huber_scale",
+        "multires_noise_discount",
+    ):
+        value = getattr(config, name)
+        if value is not None and value < 0:
+            problems.append(f"--{name} must not be negative, got {value}")
 
 
 def _check_network(config: TrainConfig, problems: list[str]) -> None:
@@ -153,6 +176,33 @@ def _check_dataset_source(config: TrainConfig, problems: list[str]) -> None:
         problems.append(f"--debug_dataset_epochs must be positive, got {config.debug_dataset_epochs}")
 
 
+def _check_sampling(config: TrainConfig, problems: list[str]) -> None:
+    from library.training.sample_prompts import check_sampler, load_sample_prompts
+
+    if problem := check_sampler(config.sample_sampler, "--sample_sampler"):
+        problems.append(problem)
+    if config.sample_prompts:
+        try:
+            load_sample_prompts(Path(config.sample_prompts))
+        except UserError as exc:
+            problems.extend(exc.problems)
+    else:
+        for name in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first"):
+            if getattr(config, name):
+                problems.append(
+                    f"--{name} needs --sample_prompts (the prompts to sample); add it or remove this"
+                )
+
+
+def _check_logging(config: TrainConfig, problems: list[str]) -> None:
+    if config.log_with in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
+        problems.append(
+            f"--log_with {config.log_with}: the wandb package is not installed; pip install wandb"
+        )
+    if config.log_with in ("tensorboard", "all") and not config.logging_dir:
+        problems.append(f"--log_with {config.log_with} needs --logging_dir (where TensorBoard logs go)")
+
+
 def validate(config: TrainConfig) -> list[str]:
     """Every problem found, one line each. Empty list = fine."""
     problems: list[str] = []
@@ -215,16 +265,27 @@ def validate(config: TrainConfig) -> list[str]:
             "save_every_n_steps",
             "dataset_repeats",
             "clip_skip",
+            "sample_every_n_steps",
+            "sample_every_n_epochs",
+            "validate_every_n_steps",
+            "validate_every_n_epochs",
+            "max_validation_steps",
+            "save_last_n_epochs",
+            "save_last_n_steps",
+            "save_last_n_epochs_state",
+            "save_last_n_steps_state",
         ],
         problems,
     )
+    _check_sampling(config, problems)
+    _check_logging(config, problems)
     for name in (
         "learning_rate",
         "unet_lr",
         "network_alpha",
         "max_grad_norm",
         "prior_loss_weight",
-        "lr_warmup_steps",
+        "scale_weight_norms",
     ):
         value = getattr(config, name)
         if value is not None and value < 0:
@@ -243,31 +304,57 @@ def validate(config: TrainConfig) -> list[str]:
         problems.append(
             f"--min_timestep/--max_timestep must satisfy 0 <= min < max <= 1000, got {lo} and {hi}"
         )
-    opt = config.optimizer_type
-    if opt.lower() not in BUILTIN_OPTIMIZERS and "." not in opt:
-        problems.append(
-            f"--optimizer_type: unknown optimizer {opt!r}; use AdamW, AdamW8bit or a class path like torch.optim.SGD"
-        )
-    if config.lr_scheduler not in LR_SCHEDULERS:
-        from library.errors import did_you_mean
-
-        problems.append(
-            f"--lr_scheduler: unknown scheduler {config.lr_scheduler!r}{did_you_mean(config.lr_scheduler, set(LR_SCHEDULERS))}; "
-            f"use one of {', '.join(LR_SCHEDULERS)}"
-        )
-    optimizer_args, arg_problems = parse_key_values(config.optimizer_args, "--optimizer_args")
-    problems.extend(arg_problems)
-    if not any(p.startswith("--optimizer_type") for p in problems):
-        from library.training.optim import check_optimizer
-
-        problems.extend(check_optimizer(opt, optimizer_args))
+    _check_optim(config, problems)
     _check_network(config, problems)
     if config.xformers and importlib.util.find_spec("xformers") is None:
         problems.append(
             "--xformers: the xformers package is not installed; pip install xformers, or use --sdpa"
         )
+    _check_loss_noise(config, problems)
     _check_existing_outputs(config, problems)
     return problems
+
+
+def _check_optim(config: TrainConfig, problems: list[str]) -> None:
+    """Optimizer, learning-rate schedule and --full_fp16/--full_bf16 (the rules live in training/optim.py)."""
+    from library.training import optim
+
+    optimizer_args, arg_problems = parse_key_values(config.optimizer_args, "--optimizer_args")
+    problems.extend(arg_problems)
+    optimizer_type, legacy_problems = optim.requested_optimizer(
+        config.optimizer_type, config.use_8bit_adam, config.use_lion_optimizer
+    )
+    problems.extend(legacy_problems)
+    problems.extend(optim.check_optimizer(optimizer_type, optimizer_args))
+    scheduler_args, arg_problems = parse_key_values(config.lr_scheduler_args, "--lr_scheduler_args")
+    problems.extend(arg_problems)
+    problems.extend(
+        optim.check_schedule(
+            config.lr_scheduler, config.lr_scheduler_type, scheduler_args, config.lr_scheduler_min_lr_ratio
+        )
+    )
+    if (
+        config.lr_scheduler == "adafactor"
+        and not config.lr_scheduler_type
+        and not optim.uses_adafactor_schedule(optimizer_type, optimizer_args)
+    ):
+        problems.append(
+            "--lr_scheduler adafactor reports Adafactor's own learning rate: it needs --optimizer_type Adafactor "
+            "(with relative_step=True, its default)"
+        )
+    for name in ("lr_warmup_steps", "lr_decay_steps"):
+        try:
+            optim.parse_steps(getattr(config, name), f"--{name}")
+        except UserError as exc:
+            problems.extend(exc.problems)
+    if config.lr_scheduler == "warmup_stable_decay" and not config.lr_scheduler_type:
+        total = None if config.max_train_epochs else config.max_train_steps
+        problems.extend(optim.check_stable_decay(config.lr_warmup_steps, config.lr_decay_steps, total))
+    for name in ("lr_scheduler_num_cycles", "lr_scheduler_power", "lr_scheduler_timescale"):
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            problems.append(f"--{name} must be positive, got {value}")
+    problems.extend(optim.check_full_precision(config.full_fp16, config.full_bf16, config.mixed_precision))
 
 
 def validate_or_raise(config: TrainConfig) -> None:

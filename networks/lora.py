@@ -413,14 +413,23 @@ class LoRANetwork(nn.Module):
         }
 
     @torch.no_grad()
-    def apply_max_norm_regularization(self, max_norm_value: float) -> tuple[int, float, float]:
+    def apply_max_norm_regularization(
+        self, max_norm_value: float, device: torch.device | None = None
+    ) -> tuple[int, float, float]:
         """kohya `--scale_weight_norms`: shrink up/down so each ‖ΔW‖ <= max_norm_value.
 
         Returns (modules scaled, mean norm, max norm) after scaling, with one host sync for all modules.
+        `device` is accepted for kohya's signature; the tensors stay where they are.
         """
+        count, mean, top = self.max_norm_stats(max_norm_value).tolist()
+        return int(count), mean, top
+
+    @torch.no_grad()
+    def max_norm_stats(self, max_norm_value: float) -> torch.Tensor:
+        """Like apply_max_norm_regularization, but the statistics stay a device tensor (no host sync)."""
         loras = self.all_loras
         if not loras:
-            return 0, 0.0, 0.0
+            return torch.zeros(3)
         norms, scaled = [], []
         for lora in loras:
             norm = lora.delta_weight().float().norm().clamp(min=max_norm_value / 2)
@@ -429,11 +438,9 @@ class LoRANetwork(nn.Module):
             lora.lora_down.weight.mul_(ratio.sqrt().to(lora.lora_down.weight.dtype))
             norms.append(norm * ratio)
             scaled.append(ratio != 1)
-        stats = torch.stack(
+        return torch.stack(
             [torch.stack(scaled).sum().float(), torch.stack(norms).mean(), torch.stack(norms).max()]
         )
-        count, mean, top = stats.tolist()
-        return int(count), mean, top
 
 
 def create_network(

@@ -375,7 +375,9 @@ def test_every_command_line_problem_in_one_run(tmp_path: Path, capsys, no_weight
         f"--vae: path {vae} does not exist; check the path",
         "--train_batch_size must be positive, got 0",
         "--lr_scheduler: unknown scheduler 'cosin' (did you mean \"cosine\"?); use one of constant, "
-        "constant_with_warmup, linear, cosine",
+        "constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, inverse_sqrt, "
+        "cosine_with_min_lr, warmup_stable_decay, piecewise_constant, adafactor, or a class with "
+        "--lr_scheduler_type",
         "--network_args conv_dim=abc: must be an integer >= 0",
     ]
 

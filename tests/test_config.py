@@ -157,20 +157,18 @@ def test_validate_reports_everything_at_once(tmp_path: Path):
 
 
 def test_pending_kohya_options_accepted_at_default_and_refused_otherwise(tmp_path: Path):
-    config = parse_config(["--noise_offset", "None", "--loss_type=l2", "--max_train_steps", "5"], **ARGS)
+    config = parse_config(["--ddp_timeout", "None", "--deepspeed=false", "--max_train_steps", "5"], **ARGS)
     assert config.max_train_steps == 5
     with pytest.raises(UserError) as err:
-        parse_config(["--noise_offset", "0.1", "--full_fp16", "--max_train_steps", "5"], **ARGS)
+        parse_config(["--ddp_timeout", "30", "--deepspeed", "--max_train_steps", "5"], **ARGS)
     assert err.value.problems == [
-        "command line: --noise_offset is a kohya option this version does not implement yet; remove it "
+        "command line: --ddp_timeout is a kohya option this version does not implement yet; remove it "
         "(ignoring it would train something other than what you asked for)",
-        "command line: --full_fp16 is a kohya option this version does not implement yet; remove it "
+        "command line: --deepspeed is a kohya option this version does not implement yet; remove it "
         "(ignoring it would train something other than what you asked for)",
     ]
     cfg = tmp_path / "kohya.toml"
-    cfg.write_text("min_snr_gamma = 5.0\ncaption_dropout_rate = 0.0\nhuber_c = 0.1\n")
+    cfg.write_text("ddp_timeout = 30\ncaption_dropout_rate = 0.0\nddp_static_graph = false\n")
     with pytest.raises(UserError) as err:
         load_config_file(cfg)
-    assert len(err.value.problems) == 1 and err.value.problems[0].startswith(
-        f"{cfg}: min_snr_gamma is a kohya"
-    )
+    assert len(err.value.problems) == 1 and err.value.problems[0].startswith(f"{cfg}: ddp_timeout is a kohya")

@@ -223,7 +223,14 @@ def test_tensorboard_scalars(tiny_sd1_dir: Path, data2: Path, tmp_path: Path):
     assert run_main(args) == 0
     (run_dir,) = list(logs.iterdir())
     assert run_dir.name.startswith("feat-") and len(run_dir.name) == len("feat-") + 14
-    assert tb_tags(logs) == ["loss/average", "loss/current", "lr/textencoder", "lr/unet"]
+    assert tb_tags(logs) == [
+        "loss/average",
+        "loss/current",
+        "loss/epoch",
+        "loss/epoch_average",
+        "lr/textencoder",
+        "lr/unet",
+    ]
     current = tb_scalars(logs, "loss/current")
     assert [e.step for e in current] == [1, 2, 3, 4]  # one point per optimizer step
     losses = [e.value for e in current]

@@ -76,9 +76,16 @@ class ModelFamily(Protocol):
         """Pixels in [-1, 1], [B,3,H,W] -> unscaled latents (a posterior sample), as kohya caches them."""
 
     def encode_prompts(
-        self, bundle: ModelBundle, captions: list[str], *, clip_skip: int | None, max_token_length: int | None
+        self,
+        bundle: ModelBundle,
+        captions: list[str],
+        *,
+        clip_skip: int | None,
+        max_token_length: int | None,
+        weighted: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Captions -> conditioning tensors for `predict` (on the text encoders' device)."""
+        """Captions -> conditioning tensors for `predict` (on the text encoders' device). `weighted`: parse
+        kohya's `(text:1.3)` / `(text)` / `[text]` weights and scale the tokens' states (--weighted_captions)."""
 
     def noisy_input_and_target(
         self,
@@ -86,10 +93,33 @@ class ModelFamily(Protocol):
         latents: torch.Tensor,
         noise: torch.Tensor,
         timesteps: torch.Tensor,
+        input_noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scaled latents + noise at `timesteps` -> (model input, regression target)."""
+        """Scaled latents + noise at `timesteps` -> (model input, regression target). `input_noise`, when
+        given, replaces `noise` in the model input only (kohya's ip_noise_gamma perturbation)."""
+
+    def snr(self, bundle: ModelBundle, timesteps: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio [B] of each timestep, float32 on the timesteps' device (no host sync)."""
+
+    def enforce_zero_terminal_snr(self, bundle: ModelBundle) -> None:
+        """Rescale the training noise schedule so that its last timestep has zero SNR (kohya's
+        --zero_terminal_snr); a family without a discrete schedule raises UserError."""
 
     def predict(
         self, bundle: ModelBundle, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         """One denoiser forward."""
+
+    def sample_images(
+        self,
+        bundle: ModelBundle,
+        prompts: list[Any],
+        make_scheduler: Any,
+        device: torch.device,
+        *,
+        clip_skip: int | None,
+        max_token_length: int | None,
+    ) -> list[Any]:
+        """One PIL image per prompt (`library.training.sample_prompts.SamplePrompt`: prompt, negative_prompt,
+        width, height, steps, scale, seed, sampler) with the components as they are (LoRA applied);
+        `make_scheduler(sampler name)` builds a sampling scheduler. Keeps nothing alive after returning."""

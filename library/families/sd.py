@@ -299,7 +299,13 @@ class StableDiffusionFamily:
             return vae.encode(pixels.to(param.device, param.dtype)).latent_dist.sample()
 
     def encode_prompts(
-        self, bundle: ModelBundle, captions: list[str], *, clip_skip: int | None, max_token_length: int | None
+        self,
+        bundle: ModelBundle,
+        captions: list[str],
+        *,
+        clip_skip: int | None,
+        max_token_length: int | None,
+        weighted: bool = False,
     ) -> dict[str, torch.Tensor]:
         hidden = _encode_prompts(
             bundle.text_encoders[0],
@@ -308,24 +314,59 @@ class StableDiffusionFamily:
             clip_skip=clip_skip,
             max_token_length=max_token_length,
             token_cache=bundle.cache.setdefault("token_ids", {}),
+            weighted=weighted,
         )
         return {"encoder_hidden_states": hidden}
 
     def noisy_input_and_target(
-        self, bundle: ModelBundle, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+        self,
+        bundle: ModelBundle,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        input_noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         sqrt_a, sqrt_1ma = _schedule_tables(bundle, latents.device, latents.dtype)
         t = timesteps.to(latents.device, non_blocking=True)
         shape = (-1,) + (1,) * (latents.ndim - 1)
         a, s = sqrt_a[t].view(shape), sqrt_1ma[t].view(shape)
-        noisy = a * latents + s * noise
+        noisy = a * latents + s * (noise if input_noise is None else input_noise)
         target = a * noise - s * latents if bundle.info.v_parameterization else noise
         return noisy, target
+
+    def snr(self, bundle: ModelBundle, timesteps: torch.Tensor) -> torch.Tensor:
+        return _snr_table(bundle, timesteps.device)[timesteps]
+
+    def enforce_zero_terminal_snr(self, bundle: ModelBundle) -> None:
+        scheduler = bundle.noise_scheduler
+        betas = zero_terminal_snr_betas(scheduler.betas)
+        alphas = 1.0 - betas
+        # New tensors (not in-place): the cached device tables notice the new identity and rebuild.
+        scheduler.betas, scheduler.alphas, scheduler.alphas_cumprod = betas, alphas, torch.cumprod(alphas, 0)
 
     def predict(
         self, bundle: ModelBundle, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         return bundle.unet(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+
+    def sample_images(
+        self,
+        bundle: ModelBundle,
+        prompts: list[Any],
+        make_scheduler: Any,
+        device: torch.device,
+        *,
+        clip_skip: int | None,
+        max_token_length: int | None,
+    ) -> list[Any]:
+        from library.families.sd_sample import sample_sd
+
+        def encode(texts: list[str]) -> torch.Tensor:
+            return self.encode_prompts(bundle, texts, clip_skip=clip_skip, max_token_length=max_token_length)[
+                "encoder_hidden_states"
+            ]
+
+        return sample_sd(bundle, encode, prompts, make_scheduler, device)
 
 
 def _schedule_tables(
@@ -346,3 +387,27 @@ def _schedule_tables(
         hit = (stamp, (ac32**0.5).to(dtype), ((1 - ac32) ** 0.5).to(dtype))
         bundle.cache[key] = hit
     return hit[1], hit[2]
+
+
+def _snr_table(bundle: ModelBundle, device: torch.device) -> torch.Tensor:
+    """alphas_cumprod / (1 - alphas_cumprod) in float32 on `device`, rebuilt only when the schedule changes."""
+    ac = bundle.noise_scheduler.alphas_cumprod
+    key = ("sd_snr", str(device))
+    stamp = (id(ac), ac._version)
+    hit = bundle.cache.get(key)
+    if hit is None or hit[0] != stamp:
+        ac32 = ac.to(device=device, dtype=torch.float32)
+        hit = (stamp, ac32 / (1 - ac32))
+        bundle.cache[key] = hit
+    return hit[1]
+
+
+def zero_terminal_snr_betas(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose last timestep has zero SNR (Lin et al. 2023, as kohya): shift sqrt(alphas_cumprod) so its
+    last value is 0 and rescale it so its first value is unchanged, then recover the betas."""
+    root = torch.cumprod(1.0 - betas, 0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    cumprod = root**2
+    alphas = torch.cat([cumprod[:1], cumprod[1:] / cumprod[:-1]])
+    return 1.0 - alphas

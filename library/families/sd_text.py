@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from library.errors import UserError
+from library.families.prompt_weights import parse_weighted_caption
 
 log = logging.getLogger(__name__)
 
@@ -139,15 +140,36 @@ def cached_ids(
 
 def _chunked_ids(tokenizer: Any, captions: list[str], n_chunks: int, window: int) -> torch.Tensor:
     """[B, n_chunks, window] token ids: kohya's BOS + 75 tokens + last-token windows."""
+    length = (window - 2) * n_chunks + 2
+    ids = tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    return _windows(tokenizer, ids.input_ids, n_chunks, window)
+
+
+def _weighted_ids(
+    tokenizer: Any, caption: str, n_chunks: int, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """kohya's weighted captions: ([n_chunks, window] ids, [(window - 2) * n_chunks + 2] weights). Each
+    (text, weight) piece is tokenized on its own, as kohya does; BOS, EOS and padding weigh 1."""
+    pieces = parse_weighted_caption(caption)
+    body = (window - 2) * n_chunks
+    tokens: list[int] = []
+    weights: list[float] = []
+    piece_ids = tokenizer([text for text, _ in pieces], add_special_tokens=False).input_ids
+    for (_, weight), ids in zip(pieces, piece_ids, strict=True):
+        tokens += ids
+        weights += [weight] * len(ids)
+    tokens, weights = tokens[:body], weights[:body]
+    pad = body - len(tokens)
+    full = [tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * pad
+    ids = _windows(tokenizer, torch.tensor([full]), n_chunks, window)[0]
+    return ids, torch.tensor([1.0, *weights] + [1.0] * (pad + 1))
+
+
+def _windows(tokenizer: Any, ids: torch.Tensor, n_chunks: int, window: int) -> torch.Tensor:
+    """[B, (window - 2) * n + 2] ids -> [B, n, window] windows, each BOS + its 75 tokens + the last id."""
     if n_chunks == 1:
-        ids = tokenizer(
-            captions, padding="max_length", max_length=window, truncation=True, return_tensors="pt"
-        )
-        return ids.input_ids.unsqueeze(1)
+        return ids.unsqueeze(1)
     body = window - 2
-    ids = tokenizer(
-        captions, padding="max_length", max_length=body * n_chunks + 2, truncation=True, return_tensors="pt"
-    ).input_ids
     bos, last = ids[:, :1], ids[:, -1:]
     chunks = [
         torch.cat([bos, ids[:, 1 + c * body : 1 + (c + 1) * body], last], dim=1) for c in range(n_chunks)
@@ -162,6 +184,20 @@ def _chunked_ids(tokenizer: Any, captions: list[str], n_chunks: int, window: int
         out[..., -1] = torch.where(needs_eos, torch.full_like(before_last, eos), out[..., -1])
         out[..., 1] = torch.where(out[..., 1] == pad, torch.full_like(before_last, eos), out[..., 1])
     return out
+
+
+def cached_weighted_ids(
+    tokenizer: Any, captions: list[str], n_chunks: int, window: int, cache: dict | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_weighted_ids` for a batch ([B, n, window] ids, [B, 75n + 2] weights), memoised like `cached_ids`."""
+    cache = {} if cache is None else cache
+    if len(cache) > TOKEN_CACHE_LIMIT:
+        cache.clear()
+    for caption in captions:
+        if ("weighted", caption, n_chunks) not in cache:
+            cache[("weighted", caption, n_chunks)] = _weighted_ids(tokenizer, caption, n_chunks, window)
+    rows = [cache[("weighted", c, n_chunks)] for c in captions]
+    return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
 
 def _hidden_states(text_encoder: Any, ids: torch.Tensor, clip_skip: int | None) -> torch.Tensor:
@@ -181,6 +217,7 @@ def encode_prompts(
     clip_skip: int | None,
     max_token_length: int | None,
     token_cache: dict | None = None,
+    weighted: bool = False,
 ) -> torch.Tensor:
     """Captions -> [B, 77 or max_token_length+2, hidden], on the text encoder's device."""
     layers = text_encoder.config.num_hidden_layers
@@ -193,14 +230,22 @@ def encode_prompts(
     window = text_encoder.config.max_position_embeddings  # 77: BOS + 75 tokens + EOS
     n_chunks = (max_token_length or window - 2) // (window - 2)
     device = next(text_encoder.parameters()).device
-    ids = cached_ids(tokenizer, captions, n_chunks, window, token_cache).to(device, non_blocking=True)
+    weights = None
+    if weighted:
+        ids, weights = cached_weighted_ids(tokenizer, captions, n_chunks, window, token_cache)
+    else:
+        ids = cached_ids(tokenizer, captions, n_chunks, window, token_cache)
+    ids = ids.to(device, non_blocking=True)
     batch = ids.shape[0]
     hidden = _hidden_states(text_encoder, ids.view(-1, window), clip_skip)
     hidden = hidden.view(batch, n_chunks * window, hidden.shape[-1])
-    if n_chunks == 1:
-        return hidden
-    # Keep the first BOS state, each window's 75 inner states, and the very last state (EOS or padding).
-    parts = [hidden[:, :1]]
-    parts += [hidden[:, c * window + 1 : (c + 1) * window - 1] for c in range(n_chunks)]
-    parts.append(hidden[:, -1:])
-    return torch.cat(parts, dim=1)
+    if n_chunks > 1:
+        # Keep the first BOS state, each window's 75 inner states, and the very last state (EOS or padding).
+        parts = [hidden[:, :1]]
+        parts += [hidden[:, c * window + 1 : (c + 1) * window - 1] for c in range(n_chunks)]
+        parts.append(hidden[:, -1:])
+        hidden = torch.cat(parts, dim=1)
+    if weights is not None:
+        # kohya scales each token's final state by its weight, without renormalising the mean.
+        hidden = hidden * weights.to(hidden.device, hidden.dtype, non_blocking=True).unsqueeze(-1)
+    return hidden

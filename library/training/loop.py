@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from library.training.metadata import per_save_metadata
+from library.training.optim import MaxNormReader, averaged_weights, max_norm_stats
 from library.training.progress import Logger, LossAverage, LossReader
 from library.training.run import Run, timestamp
 from library.training.state import Progress, save_state
@@ -102,7 +103,10 @@ def save_lora(run: Run, path: Path, progress: Progress) -> None:
     metadata = per_save_metadata(
         run.metadata, steps=progress.global_step, epoch=progress.epoch, no_metadata=run.config.no_metadata
     )
-    state = run.network.state_dict_for_save(run.save_dtype)
+    # Schedule-free optimizers: the averaged (eval) weights are the ones to use. States keep the training
+    # point instead, so a resumed run continues exactly.
+    with averaged_weights(run.optimizer):
+        state = run.network.state_dict_for_save(run.save_dtype)
     save_lora_file(path, state, metadata, model_format=run.config.save_model_as)
     log.info("saved %s", path)
 
@@ -137,7 +141,8 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
         offset += g.numel()
 
 
-def optimizer_step(run: Run) -> None:
+def optimizer_step(run: Run) -> torch.Tensor | tuple | None:
+    """One optimizer step; returns --scale_weight_norms statistics (a device tensor: read it one step late)."""
     acc = run.accelerator
     if acc.num_processes > 1:
         _all_reduce_grads(run.params, acc.num_processes)
@@ -146,6 +151,9 @@ def optimizer_step(run: Run) -> None:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.config.scale_weight_norms:
+        return max_norm_stats(run.network, run.config.scale_weight_norms, acc.device)
+    return None
 
 
 def _after_step_saves(run: Run, progress: Progress) -> None:
@@ -154,6 +162,7 @@ def _after_step_saves(run: Run, progress: Progress) -> None:
         save_lora(run, save_path(run, f"-step{progress.global_step:08d}", "step"), progress)
         if run.config.save_state:
             save_training_state(run, f"-step{progress.global_step:08d}", progress, "step")
+        _prune(run, "step", progress.global_step)
 
 
 def _after_epoch_saves(run: Run, progress: Progress, epoch: int) -> None:
@@ -162,6 +171,27 @@ def _after_epoch_saves(run: Run, progress: Progress, epoch: int) -> None:
         save_lora(run, save_path(run, f"-{epoch + 1:06d}", "epoch"), progress)
         if run.config.save_state:
             save_training_state(run, f"-{epoch + 1:06d}", progress, "epoch")
+        _prune(run, "epoch", epoch + 1)
+
+
+def _prune(run: Run, kind: str, number: int) -> None:
+    """--save_last_n_*: delete the save that fell out of the window."""
+    from library.training.retention import prune_old_saves
+
+    cfg = run.config
+    if not run.accelerator.is_main_process:
+        return
+    for path in prune_old_saves(
+        Path(cfg.output_dir),
+        output_name(cfg, kind),
+        MODEL_EXTENSIONS[cfg.save_model_as],
+        number=number,
+        kind=kind,
+        every=cfg.save_every_n_epochs if kind == "epoch" else cfg.save_every_n_steps,
+        last_n=cfg.save_last_n_epochs if kind == "epoch" else cfg.save_last_n_steps,
+        last_n_state=cfg.save_last_n_epochs_state if kind == "epoch" else cfg.save_last_n_steps_state,
+    ):
+        log.info("removed %s (--save_last_n_%ss)", path, kind)
 
 
 def _lr_values(run: Run) -> dict[str, float]:
@@ -187,7 +217,18 @@ def _train_loop(run: Run) -> Path:
     loader, sampler = make_loader(run)
     accum = cfg.gradient_accumulation_steps
     reader, average = LossReader(acc.device), LossAverage(run.batches_per_epoch)
-    logger = Logger(cfg.logging_dir if acc.is_main_process else None, cfg.log_prefix, timestamp())
+    norm_reader = MaxNormReader(acc.device)
+    from library.config import loggable_options
+
+    main = acc.is_main_process
+    logger = Logger(
+        cfg.logging_dir if main else None,
+        cfg.log_prefix,
+        timestamp(),
+        log_with=cfg.log_with if main else None,
+        tracker_name=cfg.log_tracker_name,
+        config=loggable_options(cfg) if cfg.log_config and main else None,
+    )
     log.info(
         "training: %d steps, %d epochs, %d batches per epoch%s",
         run.max_train_steps,
@@ -204,12 +245,17 @@ def _train_loop(run: Run) -> Path:
     )
     run.network.train()
     clock = StepClock(acc.device)
+    from library.training.extras import build_extras
+
+    extras = build_extras(run, logger, bar)  # sample images, validation loss
+    extras.at_start(progress.global_step)
 
     def report(value: float | None, step: int, lrs: dict[str, float]) -> None:
         if value is None:
             return
         avg = average.add(value)
-        bar.set_postfix(avr_loss=f"{avg:.4f}", refresh=False)
+        extra = {"keys_scaled": int(lrs["max_norm/keys_scaled"])} if "max_norm/keys_scaled" in lrs else {}
+        bar.set_postfix(avr_loss=f"{avg:.4f}", **extra, refresh=False)
         logger.log({"loss/current": value, "loss/average": avg, **lrs}, step)
 
     # The reader hands a step's loss back one step late; its lrs (as kohya, the scheduler's values after that
@@ -229,21 +275,25 @@ def _train_loop(run: Run) -> Path:
             pending += 1
             if pending < accum and progress.batch_in_epoch < sampler.per_rank:
                 continue
-            optimizer_step(run)
+            norm_stats = optimizer_step(run)
             progress.global_step += 1
             clock.tick()
             bar.update(1)
-            report(reader.push(step_loss / pending), progress.global_step - 1, held_lrs)
+            norms = norm_reader.push(norm_stats) if norm_stats is not None else {}
+            report(reader.push(step_loss / pending), progress.global_step - 1, {**held_lrs, **norms})
             held_lrs = _lr_values(run)
+            extras.add_loss(step_loss / pending)
             pending, step_loss = 0, None
             _after_step_saves(run, progress)
+            extras.after_step(progress.global_step)
             if progress.global_step >= run.max_train_steps:
                 break
         if progress.batch_in_epoch >= sampler.per_rank:
             progress.epoch += 1
             progress.batch_in_epoch = 0
             _after_epoch_saves(run, progress, epoch)
-    report(reader.pop(), progress.global_step, held_lrs)
+            extras.after_epoch(epoch + 1, progress.global_step)
+    report(reader.pop(), progress.global_step, {**held_lrs, **norm_reader.pop()})
     clock.write()
     bar.close()
     logger.close()

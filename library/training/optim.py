@@ -1,134 +1,146 @@
-"""Optimizer and learning-rate schedule factories (kohya names; any class path works)."""
+"""Optimizers, learning-rate schedules, half-precision LoRA parameters and max-norm regularisation.
+
+The factories live in optimizers.py and schedules.py; this module is the one place the trainer imports.
+"""
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import logging
-import math
 from typing import Any
 
 import torch
 
-from library.errors import UserError
-from library.validate import optimizer_class_path
+from library.training.optimizers import (
+    OPTIMIZERS,
+    averaged_weights,
+    build_optimizer,
+    check_optimizer,
+    create_optimizer,
+    effective_scheduler,
+    is_schedule_free,
+    optimizer_eval,
+    optimizer_path_for,
+    optimizer_train,
+    requested_optimizer,
+    uses_adafactor_schedule,
+)
+from library.training.schedules import (
+    LR_SCHEDULERS,
+    ScheduleOptions,
+    check_schedule,
+    check_stable_decay,
+    create_scheduler,
+    lr_lambda_for,
+    parse_steps,
+    resolve_warmup,
+)
+
+__all__ = [
+    "LR_SCHEDULERS",
+    "OPTIMIZERS",
+    "MaxNormReader",
+    "ScheduleOptions",
+    "averaged_weights",
+    "build_optimizer",
+    "check_full_precision",
+    "check_optimizer",
+    "check_schedule",
+    "check_stable_decay",
+    "create_optimizer",
+    "create_scheduler",
+    "effective_scheduler",
+    "is_schedule_free",
+    "lr_lambda_for",
+    "max_norm_stats",
+    "optimizer_eval",
+    "optimizer_path_for",
+    "optimizer_train",
+    "parse_steps",
+    "patch_scaler_for_fp16_params",
+    "requested_optimizer",
+    "resolve_warmup",
+    "uses_adafactor_schedule",
+]
 
 log = logging.getLogger(__name__)
 
 
-def _import_class(path: str, flag: str) -> type:
-    module_name, _, class_name = path.rpartition(".")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        package = module_name.split(".")[0]
-        raise UserError(
-            f"{flag}: cannot import {module_name} ({exc}); install it with: pip install {package}"
-        ) from None
-    cls = getattr(module, class_name, None)
-    if cls is None:
-        raise UserError(f"{flag}: {module_name} has no class {class_name}")
-    return cls
-
-
-def check_optimizer(optimizer_type: str, optimizer_args: dict[str, Any]) -> list[str]:
-    """Problems with --optimizer_type/--optimizer_args found without building anything (run before loading)."""
-    path = optimizer_class_path(optimizer_type)
-    if path.startswith("bitsandbytes."):
-        return []  # checked when built: bitsandbytes is slow to import and falls back to AdamW on CPU
-    try:
-        cls = _import_class(path, "--optimizer_type")
-    except UserError as exc:
-        return exc.problems
-    try:
-        params = inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        return []
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return []
-    accepted = [name for name in params if name not in ("self", "params", "lr")]
-    unknown = [key for key in optimizer_args if key not in params]
-    if unknown:
+def check_full_precision(full_fp16: bool, full_bf16: bool, mixed_precision: str) -> list[str]:
+    """kohya: the LoRA parameters may be half precision only under the matching autocast precision."""
+    if full_fp16 and full_bf16:
         return [
-            f"--optimizer_args: {path} does not accept {', '.join(unknown)}; it accepts {', '.join(accepted)}"
+            "--full_fp16 and --full_bf16 exclude each other: the LoRA parameters have one dtype; pick one"
         ]
+    for on, name, need in ((full_fp16, "full_fp16", "fp16"), (full_bf16, "full_bf16", "bf16")):
+        if on and mixed_precision != need:
+            return [
+                f"--{name} needs --mixed_precision {need} (got {mixed_precision}): the LoRA parameters are "
+                f"stored in {need}, so the forward pass must run in {need} too"
+            ]
     return []
 
 
-def optimizer_path_for(optimizer_type: str, device: torch.device) -> str:
-    """Dotted class path of the optimizer that will run on `device` (warns when it differs from the request)."""
-    path = optimizer_class_path(optimizer_type)
-    if path.startswith("bitsandbytes.") and device.type != "cuda":
-        # bitsandbytes' 8-bit states need CUDA; on CPU the same math in 32-bit keeps the run going.
-        log.warning("%s needs a CUDA GPU; using torch.optim.AdamW on %s instead", optimizer_type, device.type)
-        path = "torch.optim.AdamW"
-    return path
+def patch_scaler_for_fp16_params(scaler: Any) -> None:
+    """--full_fp16: torch's GradScaler refuses to unscale fp16 gradients; kohya lets it (allow_fp16=True).
+
+    Unscaling in fp16 can overflow where fp32 would not; the scaler then skips that step and lowers its
+    scale, which is the trade-off kohya's --full_fp16 makes for memory.
+    """
+    if scaler is None:
+        return
+    original = scaler._unscale_grads_
+
+    def unscale_allowing_fp16(optimizer, inv_scale, found_inf, allow_fp16):  # noqa: ARG001
+        return original(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = unscale_allowing_fp16
 
 
-def create_optimizer(
-    optimizer_type: str,
-    param_groups: list[dict],
-    lr: float,
-    optimizer_args: dict[str, Any],
-    device: torch.device,
-) -> torch.optim.Optimizer:
-    path = optimizer_path_for(optimizer_type, device)
-    cls = _import_class(path, "--optimizer_type")
+def max_norm_stats(network: torch.nn.Module, max_norm: float, device: torch.device) -> torch.Tensor | tuple:
+    """Apply --scale_weight_norms; returns [keys scaled, mean norm, max norm] on the device, without a sync.
+
+    Third-party network modules without `max_norm_stats` get kohya's `apply_max_norm_regularization`
+    (which returns host values: one sync per step, as in kohya).
+    """
+    if hasattr(network, "max_norm_stats"):
+        return network.max_norm_stats(max_norm)
     try:
-        return cls(param_groups, lr=lr, **optimizer_args)
-    except TypeError as exc:
-        raise UserError(
-            f"--optimizer_args: {path} rejected the options {sorted(optimizer_args)}: {exc}"
-        ) from None
+        return tuple(network.apply_max_norm_regularization(max_norm, device))
+    except TypeError:
+        return tuple(network.apply_max_norm_regularization(max_norm))
 
 
-def resolve_warmup(lr_warmup_steps: float, total_steps: int) -> int:
-    """kohya: a value below 1 is a fraction of the total steps."""
-    if 0 < lr_warmup_steps < 1:
-        return int(lr_warmup_steps * total_steps)
-    return int(lr_warmup_steps)
+class MaxNormReader:
+    """Reads the max-norm statistics one step late, like the loss (pinned non-blocking copy on CUDA)."""
 
+    KEYS = ("max_norm/keys_scaled", "max_norm/average_key_norm", "max_norm/max_key_norm")
 
-def lr_lambda_for(name: str, warmup: int, total: int):
-    """Multiplier of the base lr at optimizer step `s` (0-based), matching diffusers/transformers schedules."""
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._pending: tuple[Any, Any] | None = None
+        self._buffers = [torch.zeros(3, pin_memory=True) for _ in range(2)] if self.cuda else []
+        self._flip = 0
 
-    def warm(step: int) -> float | None:
-        if step < warmup:
-            return step / max(1, warmup)
-        return None
+    def push(self, stats: torch.Tensor | tuple) -> dict[str, float]:
+        """Queue this step's statistics; return the previous step's (empty on the first call)."""
+        previous = self.pop()
+        if isinstance(stats, torch.Tensor) and self.cuda:
+            buf = self._buffers[self._flip]
+            self._flip ^= 1
+            buf.copy_(stats.detach().float(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (buf, event)
+        else:
+            self._pending = (stats, None)
+        return previous
 
-    def constant(step: int) -> float:
-        return 1.0
-
-    def constant_with_warmup(step: int) -> float:
-        w = warm(step)
-        return 1.0 if w is None else w
-
-    def linear(step: int) -> float:
-        w = warm(step)
-        if w is not None:
-            return w
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    def cosine(step: int) -> float:
-        w = warm(step)
-        if w is not None:
-            return w
-        progress = (step - warmup) / max(1, total - warmup)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    table = {
-        "constant": constant,
-        "constant_with_warmup": constant_with_warmup,
-        "linear": linear,
-        "cosine": cosine,
-    }
-    return table[name]
-
-
-def create_scheduler(
-    name: str, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    if name == "constant" and warmup_steps:
-        log.warning("--lr_warmup_steps is ignored by the constant scheduler; use constant_with_warmup")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(name, warmup_steps, total_steps))
+    def pop(self) -> dict[str, float]:
+        if self._pending is None:
+            return {}
+        value, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        values = value.tolist() if isinstance(value, torch.Tensor) else [float(v) for v in value]
+        return dict(zip(self.KEYS, values, strict=True))

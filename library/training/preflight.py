@@ -74,11 +74,30 @@ def run_seed(config: TrainConfig) -> int:
     return R.pick_seed(config)
 
 
+def check_prediction_flags(config: TrainConfig, info: ModelInfo) -> None:
+    """Loss flags tied to the prediction type; it may come from the model's scheduler config, so this waits
+    for the model's inspection (headers only)."""
+    from library.errors import UserError
+    from library.training.losses import LossOptions, prediction_problems
+
+    options = LossOptions(
+        scale_v_pred_loss_like_noise_pred=config.scale_v_pred_loss_like_noise_pred,
+        v_pred_like_loss=config.v_pred_like_loss,
+    )
+    if problems := prediction_problems(options, info.v_parameterization):
+        raise UserError(*problems)
+    if config.zero_terminal_snr and not info.v_parameterization:
+        log.warning(
+            "--zero_terminal_snr without v-prediction: the last step's input is pure noise (kohya warns)"
+        )
+
+
 def preflight(config: TrainConfig, family: ModelFamily) -> Preflight:
     """Seed, dataset scan and model inspection, all problems in one UserError; prints the plan (rank 0)."""
     seed = run_seed(config)
     log.info("seed: %d", seed)
     dataset, info = R.scan_dataset_and_model(config, family, seed)
+    check_prediction_flags(config, info)
     numbers = training_numbers(config, dataset.num_batches_per_epoch, world_size())
     # Token warmup counts optimizer steps; setup repeats this once the Accelerator knows the process count.
     dataset.set_training_steps(

@@ -11,9 +11,11 @@ import torch
 from library.config import TrainConfig
 from library.errors import UserError
 from library.families.base import ModelFamily
+from library.training import optim
 from library.training import run as R
+from library.training.losses import LossOptions
 from library.training.metadata import training_metadata
-from library.training.optim import create_optimizer, create_scheduler, optimizer_path_for, resolve_warmup
+from library.training.noise import NoiseOptions
 from library.training.preflight import preflight
 from library.training.state import Progress, load_state
 from library.training.step import StepOptions
@@ -46,16 +48,83 @@ def _configure_model(
                 te.train()
 
 
+def _half_network(network, accelerator, weight_dtype: torch.dtype, fp16: bool) -> None:
+    """--full_fp16/--full_bf16: the LoRA parameters themselves in the autocast dtype (kohya)."""
+    if weight_dtype == torch.float32:
+        log.warning("--full_fp16 needs a CUDA GPU (fp16 falls back to float32 on CPU); LoRA stays float32")
+        return
+    network.to(weight_dtype)
+    if fp16:
+        optim.patch_scaler_for_fp16_params(accelerator.scaler)
+
+
+def _schedule(config: TrainConfig, optimizer, optimizer_type: str, opt_args: dict, max_steps: int):
+    """The lr schedule that runs (Adafactor and schedule-free optimizers pick their own) and its warmup."""
+    warmup = optim.resolve_warmup(config.lr_warmup_steps, max_steps)
+    scheduler_args, _ = parse_key_values(config.lr_scheduler_args, "--lr_scheduler_args")
+    options = optim.ScheduleOptions(
+        warmup_steps=warmup,
+        total_steps=max_steps,
+        num_cycles=config.lr_scheduler_num_cycles,
+        power=config.lr_scheduler_power,
+        timescale=config.lr_scheduler_timescale,
+        min_lr_ratio=config.lr_scheduler_min_lr_ratio,
+        decay_steps=optim.resolve_warmup(config.lr_decay_steps, max_steps, "--lr_decay_steps"),
+        initial_lr=config.learning_rate,
+        args=scheduler_args,
+    )
+    scheduler_type = config.lr_scheduler_type
+    name = config.lr_scheduler
+    if optim.is_schedule_free(optimizer_type) or not scheduler_type:
+        name = optim.effective_scheduler(optimizer_type, opt_args, name)
+        scheduler_type = "" if optim.is_schedule_free(optimizer_type) else scheduler_type
+    scheduler = optim.create_scheduler(
+        name,
+        optimizer,
+        warmup_steps=warmup,
+        total_steps=max_steps,
+        options=options,
+        scheduler_type=scheduler_type,
+    )
+    return scheduler, warmup
+
+
+def loss_and_noise_options(config: TrainConfig) -> tuple[LossOptions, NoiseOptions]:
+    loss = LossOptions(
+        loss_type=config.loss_type,
+        huber_schedule=config.huber_schedule,
+        huber_c=config.huber_c,
+        huber_scale=config.huber_scale,
+        min_snr_gamma=config.min_snr_gamma,
+        scale_v_pred_loss_like_noise_pred=config.scale_v_pred_loss_like_noise_pred,
+        v_pred_like_loss=config.v_pred_like_loss,
+        debiased_estimation_loss=config.debiased_estimation_loss,
+    )
+    noise = NoiseOptions(
+        noise_offset=config.noise_offset,
+        noise_offset_random_strength=config.noise_offset_random_strength,
+        adaptive_noise_scale=config.adaptive_noise_scale,
+        multires_noise_iterations=config.multires_noise_iterations,
+        multires_noise_discount=config.multires_noise_discount,
+        ip_noise_gamma=config.ip_noise_gamma,
+        ip_noise_gamma_random_strength=config.ip_noise_gamma_random_strength,
+    )
+    return loss, noise
+
+
 def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
     started = time.time()
     # Everything that can fail without weights fails here, dataset and model problems in one report.
     checked = preflight(config, family)
     seed, dataset, info = checked.seed, checked.dataset, checked.info
+    loss_options, noise_options = loss_and_noise_options(config)
     accelerator = R.make_accelerator(config.mixed_precision)
     device = accelerator.device
     weight_dtype = R.weight_dtype_for(accelerator.mixed_precision)
 
     bundle = R.load_bundle(config, family, info, weight_dtype)
+    if config.zero_terminal_snr:
+        family.enforce_zero_terminal_snr(bundle)
     cached = R.cache_latents_if_needed(config, family, bundle, dataset, device)
     if not cached:
         bundle.vae.to(device)
@@ -64,6 +133,8 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
     train_te = not config.network_train_unet_only
     network, net_kwargs = R.create_network(config, bundle, train_unet, train_te)
     network.to(device)
+    if config.full_fp16 or config.full_bf16:
+        _half_network(network, accelerator, weight_dtype, config.full_fp16)
     _configure_model(config, bundle, device, weight_dtype, train_te)
 
     te_lr = config.text_encoder_lr[0] if config.text_encoder_lr else None
@@ -74,9 +145,11 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
             "no parameters to train: every learning rate is 0 (check --unet_lr/--text_encoder_lr)"
         )
     opt_args, _ = parse_key_values(config.optimizer_args, "--optimizer_args")
+    optimizer_type, _ = optim.requested_optimizer(
+        config.optimizer_type, config.use_8bit_adam, config.use_lion_optimizer
+    )
     # The metadata records what runs: AdamW8bit falls back to AdamW on CPU.
-    optimizer_path = optimizer_path_for(config.optimizer_type, device)
-    optimizer = create_optimizer(optimizer_path, groups, config.learning_rate, opt_args, device)
+    optimizer, desc = optim.build_optimizer(optimizer_type, groups, config.learning_rate, opt_args, device)
 
     batches_per_epoch = -(-dataset.num_batches_per_epoch // accelerator.num_processes)
     max_steps, num_epochs = R.train_steps_and_epochs(config, batches_per_epoch)
@@ -86,8 +159,7 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         num_processes=accelerator.num_processes,
     )
-    warmup = resolve_warmup(config.lr_warmup_steps, max_steps)
-    scheduler = create_scheduler(config.lr_scheduler, optimizer, warmup_steps=warmup, total_steps=max_steps)
+    scheduler, warmup = _schedule(config, optimizer, optimizer_type, opt_args, max_steps)
     optimizer = accelerator.prepare(optimizer)
 
     progress = Progress(seed=seed)
@@ -116,10 +188,11 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
         max_token_length=None if config.max_token_length in (None, 75) else config.max_token_length,
         train_text_encoder=train_te,
         weight_dtype=weight_dtype,
+        loss=loss_options,
+        noise=noise_options,
+        num_train_timesteps=bundle.noise_scheduler.config.num_train_timesteps,
+        weighted_captions=config.weighted_captions,
     )
-    desc = optimizer_path
-    if opt_args:
-        desc += "(" + ",".join(f"{k}={v}" for k, v in opt_args.items()) + ")"
     metadata = training_metadata(
         config,
         info,

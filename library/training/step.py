@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from library.families.base import ModelBundle, ModelFamily
+from library.training.losses import (
+    LossOptions,
+    huber_c_for_timesteps,
+    per_element_loss,
+    weight_per_sample_loss,
+)
+from library.training.noise import NoiseOptions, input_noise, sample_noise, sample_timesteps
 
 
 @dataclass(frozen=True)
@@ -19,6 +26,10 @@ class StepOptions:
     max_token_length: int | None
     train_text_encoder: bool
     weight_dtype: torch.dtype
+    loss: LossOptions = field(default_factory=LossOptions)
+    noise: NoiseOptions = field(default_factory=NoiseOptions)
+    num_train_timesteps: int = 1000
+    weighted_captions: bool = False
 
 
 def batch_latents(
@@ -41,8 +52,10 @@ def text_conditioning(
 ) -> dict[str, torch.Tensor]:
     grad = torch.enable_grad() if options.train_text_encoder else torch.no_grad()
     with grad:
+        # Only passed when on, so families without weighted captions keep their plain signature.
+        extra = {"weighted": True} if options.weighted_captions else {}
         return family.encode_prompts(
-            bundle, captions, clip_skip=options.clip_skip, max_token_length=options.max_token_length
+            bundle, captions, clip_skip=options.clip_skip, max_token_length=options.max_token_length, **extra
         )
 
 
@@ -63,21 +76,55 @@ def diffusion_loss(
     options: StepOptions,
     device: torch.device,
     autocast: AbstractContextManager | None = None,
+    *,
+    timesteps: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean loss of one micro-batch (a 0-dim tensor on `device`; never synchronises the host)."""
-    latents = batch_latents(family, bundle, batch, device)
+    """Mean loss of one micro-batch (a 0-dim tensor on `device`; never synchronises the host).
+
+    Validation passes fixed `timesteps` ([B] long) and `noise` (like the latents) instead of sampling them."""
+    latents = batch_latents(family, bundle, batch, device).to(device)
     with autocast or nullcontext():
         cond = text_conditioning(family, bundle, batch["captions"], options)
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(
-            options.min_timestep, options.max_timestep, (latents.shape[0],), device=device, dtype=torch.long
-        )
-        noisy, target = family.noisy_input_and_target(bundle, latents, noise, timesteps)
+        if noise is None:
+            noise = sample_noise(latents, options.noise)
+        if timesteps is None:
+            timesteps = sample_timesteps(options.min_timestep, options.max_timestep, latents.shape[0], device)
+        perturbed = input_noise(noise, options.noise)
+        extra = {} if perturbed is None else {"input_noise": perturbed}
+        noisy, target = family.noisy_input_and_target(bundle, latents, noise, timesteps, **extra)
         pred = family.predict(bundle, noisy.to(options.weight_dtype), timesteps, cond)
-    per_element = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
+    return weighted_loss(family, bundle, pred, target, timesteps, batch, options, device)
+
+
+def weighted_loss(
+    family: ModelFamily,
+    bundle: ModelBundle,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    batch: dict[str, Any],
+    options: StepOptions,
+    device: torch.device,
+) -> torch.Tensor:
+    """kohya's loss: per-element loss (Huber threshold per timestep) x mask -> mean per sample -> x the
+    sample's loss weight -> SNR-based weights -> batch mean. The SNR is looked up on device, only if used."""
+    lo = options.loss
+    snr = family.snr(bundle, timesteps) if lo.needs_snr else None
+    huber_c = None
+    if lo.loss_type in ("huber", "smooth_l1"):
+        huber_c = huber_c_for_timesteps(
+            lo.huber_schedule,
+            timesteps,
+            huber_c=lo.huber_c,
+            huber_scale=lo.huber_scale,
+            num_train_timesteps=options.num_train_timesteps,
+            snr=snr,
+        )
+    per_element = per_element_loss(pred.float(), target.float(), lo.loss_type, huber_c)
     masks = batch.get("masks")
     if masks is not None:
         per_element = apply_loss_mask(per_element, masks.to(device, non_blocking=True))
     per_sample = per_element.mean(dim=tuple(range(1, per_element.ndim)))
-    weights = batch["loss_weights"].to(device, non_blocking=True)
-    return (per_sample * weights).mean()
+    per_sample = per_sample * batch["loss_weights"].to(device, non_blocking=True)
+    return weight_per_sample_loss(per_sample, snr, lo, bundle.info.v_parameterization).mean()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from library.config_loss import HUBER_SCHEDULES, LOSS_TYPES
+from library.config.loss import HUBER_SCHEDULES, LOSS_TYPES
 
 # kohya caps the SNR at 1000 where it divides by it (t = 0 has a huge SNR).
 SNR_CAP = 1000.0

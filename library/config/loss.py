@@ -1,6 +1,6 @@
 """The loss, noise and timestep options of `TrainConfig` (kohya's names, defaults and meanings).
 
-A base class of `TrainConfig`, kept apart so that config.py stays readable; it must not import config.py.
+A base class of `TrainConfig`, kept apart so that config.py stays readable; it must not import the rest of the config package.
 """
 
 from __future__ import annotations

@@ -134,3 +134,14 @@ def test_pause_bar_takes_the_time_off_the_clock() -> None:
     pause_bar(bar, 30.0)
     assert (bar.start_t, bar.last_print_t) == (start + 30.0, last + 30.0)
     bar.close()
+
+
+def test_samplers_follow_zero_terminal_snr():
+    from library.families.sd import make_noise_scheduler
+    from library.training.sampling import make_scheduler
+
+    config = make_noise_scheduler(False).config
+    assert float(make_scheduler("ddim", config).alphas_cumprod[-1]) > 0
+    assert float(make_scheduler("ddim", config, zero_terminal_snr=True).alphas_cumprod[-1]) == 0.0
+    # Euler-type samplers clamp the last value to 2**-24 to keep sigma finite (diffusers' convention).
+    assert float(make_scheduler("euler", config, zero_terminal_snr=True).alphas_cumprod[-1]) == 2.0**-24

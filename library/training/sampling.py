@@ -7,6 +7,7 @@ restored, so a run with sampling trains the same LoRA as one without.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 import time
@@ -25,9 +26,10 @@ from library.training.sample_prompts import SAMPLERS, SamplePrompt
 log = logging.getLogger("loratrain")
 
 
-def make_scheduler(name: str, base_config: Any) -> Any:
+def make_scheduler(name: str, base_config: Any, *, zero_terminal_snr: bool = False) -> Any:
     """A diffusers sampling scheduler of kohya's `name`, built from the family's training-schedule config
-    (betas, prediction type), with clip_sample off as kohya."""
+    (betas, prediction type), with clip_sample off as kohya. `zero_terminal_snr`: the training schedule was
+    rescaled (--zero_terminal_snr), so the sampler rescales its betas the same way."""
     import diffusers
 
     class_name, extra = SAMPLERS[name.lower()]
@@ -36,6 +38,8 @@ def make_scheduler(name: str, base_config: Any) -> Any:
     overrides = (
         {"clip_sample": False, "steps_offset": 1} if "clip_sample" in base_config else {"steps_offset": 1}
     )
+    if zero_terminal_snr and "rescale_betas_zero_snr" in inspect.signature(cls.__init__).parameters:
+        overrides["rescale_betas_zero_snr"] = True
     return cls.from_config(base_config, **overrides, **extra)
 
 
@@ -121,6 +125,8 @@ class ImageSampler:
         vae = self.bundle.vae
         vae_device = next(vae.parameters()).device
         config = self.bundle.noise_scheduler.config
+        # Once per sampling call: the training schedule ends at SNR 0 only after --zero_terminal_snr.
+        zero_snr = float(self.bundle.noise_scheduler.alphas_cumprod[-1]) == 0.0
         with preserved_rng(self.device), inference_mode_of(modules, optimizer):
             # A prompt without --d gets a seed from the (restored afterwards) training RNG: reproducible for
             # a given --seed, and written into the file name.
@@ -134,7 +140,7 @@ class ImageSampler:
                     images = self.family.sample_images(
                         self.bundle,
                         prompts,
-                        lambda name: make_scheduler(name, config),
+                        lambda name: make_scheduler(name, config, zero_terminal_snr=zero_snr),
                         self.device,
                         clip_skip=self.clip_skip,
                         max_token_length=self.max_token_length,

@@ -201,6 +201,34 @@ def _check_logging(config: TrainConfig, problems: list[str]) -> None:
         )
     if config.log_with in ("tensorboard", "all") and not config.logging_dir:
         problems.append(f"--log_with {config.log_with} needs --logging_dir (where TensorBoard logs go)")
+    if config.log_tracker_config:
+        try:
+            tracker_init_options(config.log_tracker_config)
+        except UserError as exc:
+            problems.extend(exc.problems)
+    uses_wandb = config.log_with in ("wandb", "all")
+    for name in ("wandb_run_name", "wandb_api_key"):
+        if getattr(config, name) and not uses_wandb:
+            problems.append(f"--{name} needs --log_with wandb (or all); add it or remove --{name}")
+
+
+def tracker_init_options(path: str) -> dict[str, Any]:
+    """kohya's --log_tracker_config: a TOML file whose [wandb] table holds extra wandb.init() options."""
+    import toml
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--log_tracker_config: {file} does not exist; check the path")
+    try:
+        data = toml.loads(file.read_text(encoding="utf-8"))
+    except Exception as exc:  # toml raises several types; all mean "fix the syntax"
+        raise UserError(
+            f"--log_tracker_config: {file} is not valid TOML: {str(exc).splitlines()[0]}"
+        ) from None
+    table = data.get("wandb", {})
+    if not isinstance(table, dict):
+        raise UserError(f"--log_tracker_config: {file}: [wandb] must be a table of wandb.init options")
+    return table
 
 
 def validate(config: TrainConfig) -> list[str]:

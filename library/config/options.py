@@ -346,6 +346,11 @@ class TrainConfig(LossNoiseOptions):
         choices=[None, "tensorboard", "wandb", "all"],
     )
     log_tracker_name: str | None = flag(None, "logging", "wandb project name (default: network_train)")
+    log_tracker_config: str | None = flag(
+        None, "logging", 'TOML file of tracker init options, e.g. [wandb] entity = "me" (kohya\'s format)'
+    )
+    wandb_run_name: str | None = flag(None, "logging", "wandb run name")
+    wandb_api_key: str | None = flag(None, "logging", "wandb API key (logs in before the run; never logged)")
     log_config: bool = flag(False, "logging", "log the options (without secrets and paths) to the trackers")
     # --- sampling and validation
     sample_prompts: str | None = flag(

@@ -8,6 +8,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,7 +18,7 @@ from library.training.progress import Logger, LossAverage, LossReader
 from library.training.run import Run, timestamp
 from library.training.state import Progress, save_state
 from library.training.step import diffusion_loss
-from library.validate import MODEL_EXTENSIONS, output_name
+from library.validate import MODEL_EXTENSIONS, output_name, tracker_init_options
 
 log = logging.getLogger("loratrain")
 
@@ -201,6 +202,15 @@ def _lr_values(run: Run) -> dict[str, float]:
     }
 
 
+def wandb_options(cfg: Any) -> dict[str, Any]:
+    options = tracker_init_options(cfg.log_tracker_config) if cfg.log_tracker_config else {}
+    if cfg.wandb_run_name:
+        options["name"] = cfg.wandb_run_name
+    if cfg.wandb_api_key:
+        options["api_key"] = cfg.wandb_api_key
+    return options
+
+
 def train_loop(run: Run) -> Path:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -228,6 +238,7 @@ def _train_loop(run: Run) -> Path:
         log_with=cfg.log_with if main else None,
         tracker_name=cfg.log_tracker_name,
         config=loggable_options(cfg) if cfg.log_config and main else None,
+        wandb_options=wandb_options(cfg),
     )
     log.info(
         "training: %d steps, %d epochs, %d batches per epoch%s",

@@ -71,7 +71,10 @@ class Logger:
         log_with: str | None = None,
         tracker_name: str | None = None,
         config: dict[str, Any] | None = None,
+        wandb_options: dict[str, Any] | None = None,
     ) -> None:
+        """`wandb_options`: extra wandb.init() options (run name, --log_tracker_config's [wandb] table) and
+        `api_key` for a login first."""
         self.writer = self.wandb = None
         if logging_dir and log_with in (None, "tensorboard", "all"):
             from torch.utils.tensorboard import SummaryWriter
@@ -86,10 +89,13 @@ class Logger:
         if log_with in ("wandb", "all") and (logging_dir or log_with == "wandb"):
             import wandb
 
-            # kohya's default project name for LoRA training.
-            self.wandb = wandb.init(
-                project=tracker_name or "network_train", config=config, dir=logging_dir, reinit=True
-            )
+            options = dict(wandb_options or {})
+            api_key = options.pop("api_key", None)
+            if api_key:
+                wandb.login(key=api_key)
+            # kohya's default project name for LoRA training; the tracker config file may override anything.
+            init = {"project": tracker_name or "network_train", "config": config, "dir": logging_dir}
+            self.wandb = wandb.init(**{**init, "reinit": True, **options})
 
     def log(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:

@@ -354,3 +354,5 @@ def test_adafactor_logs_its_own_learning_rate(tiny_sd1_dir: Path, data2: Path, t
         values = [e.value for e in tb_scalars(logs, tag)]
         # relative_step: min(1e-2, 1/sqrt(step)) * RMS(first param of the group) -- positive, at most 1e-2 * RMS
         assert len(values) == 3 and all(0 < v < 1e-2 for v in values), (tag, values)
+    # kohya's record of Adafactor's own schedule: "adafactor:<initial lr>" (db_args sets --learning_rate 1e-3)
+    assert metadata(out / f"{NAME}.safetensors")["ss_lr_scheduler"] == "adafactor:0.001"

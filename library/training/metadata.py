@@ -79,6 +79,7 @@ def training_metadata(
     num_epochs: int,
     max_train_steps: int,
     lr_warmup_steps: int,
+    lr_scheduler_desc: str,
     started: float,
 ) -> dict[str, str]:
     """Everything known at the start of training; `per_save_metadata` adds step/epoch at each save."""
@@ -108,7 +109,7 @@ def training_metadata(
         "ss_text_encoder_lr": config.text_encoder_lr[0] if config.text_encoder_lr else None,
         "ss_unet_lr": config.unet_lr,
         "ss_optimizer": optimizer_desc,
-        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_lr_scheduler": lr_scheduler_desc,
         "ss_lr_warmup_steps": lr_warmup_steps,
         "ss_max_train_steps": max_train_steps,
         "ss_num_epochs": num_epochs,

@@ -86,7 +86,9 @@ def _schedule(config: TrainConfig, optimizer, optimizer_type: str, opt_args: dic
         options=options,
         scheduler_type=scheduler_type,
     )
-    return scheduler, warmup
+    # kohya records the schedule that runs; Adafactor's own lr shows as "adafactor:<initial lr>".
+    desc = f"adafactor:{config.learning_rate}" if name == "adafactor" else (scheduler_type or name)
+    return scheduler, warmup, desc
 
 
 def loss_and_noise_options(config: TrainConfig) -> tuple[LossOptions, NoiseOptions]:
@@ -159,7 +161,7 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         num_processes=accelerator.num_processes,
     )
-    scheduler, warmup = _schedule(config, optimizer, optimizer_type, opt_args, max_steps)
+    scheduler, warmup, scheduler_desc = _schedule(config, optimizer, optimizer_type, opt_args, max_steps)
     optimizer = accelerator.prepare(optimizer)
 
     progress = Progress(seed=seed)
@@ -211,6 +213,7 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
         num_epochs=num_epochs,
         max_train_steps=max_steps,
         lr_warmup_steps=warmup,
+        lr_scheduler_desc=scheduler_desc,
         started=started,
     )
     return R.Run(

@@ -224,6 +224,25 @@ def test_schedule_problems_all_at_once_before_weights_load(
     ]
 
 
+def test_stable_decay_too_long_for_epochs_is_caught_before_weights_load(
+    tiny_sd1_dir: Path, data2: Path, tmp_path: Path, capsys, monkeypatch
+):
+    from library.families.sd import StableDiffusionFamily
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr(StableDiffusionFamily, "load", no_weights)
+    # 2 batches per epoch: one epoch is 2 steps, shorter than 2 warmup + 2 decay steps.
+    args = db_args(tiny_sd1_dir, data2, tmp_path / "out", "--max_train_epochs", "1", "--lr_scheduler",
+                   "warmup_stable_decay", "--lr_warmup_steps", "2", "--lr_decay_steps", "2")  # fmt: skip
+    assert run_main(args) == 2
+    assert error_lines(capsys) == [
+        "error: --lr_scheduler warmup_stable_decay: --lr_warmup_steps 2 plus --lr_decay_steps 2 exceed the "
+        "training steps (2); lower one of them"
+    ]
+
+
 def test_percent_warmup_and_restarts_end_to_end(tiny_sd1_dir: Path, data2: Path, tmp_path: Path):
     out, logs = tmp_path / "out", tmp_path / "logs"
     args = db_args(

@@ -15,6 +15,7 @@ from typing import Any
 
 from library.config import TrainConfig
 from library.data.plan import TrainingNumbers
+from library.errors import UserError
 from library.families.base import ModelFamily, ModelInfo
 from library.training import run as R
 
@@ -99,6 +100,14 @@ def preflight(config: TrainConfig, family: ModelFamily) -> Preflight:
     dataset, info = R.scan_dataset_and_model(config, family, seed)
     check_prediction_flags(config, info)
     numbers = training_numbers(config, dataset.num_batches_per_epoch, world_size())
+    epochs_decide_steps = config.max_train_epochs is not None and not config.lr_scheduler_type
+    if config.lr_scheduler == "warmup_stable_decay" and epochs_decide_steps:
+        # validate() could not know the step count: it comes from the dataset size.
+        from library.training.optim import check_stable_decay
+
+        problems = check_stable_decay(config.lr_warmup_steps, config.lr_decay_steps, numbers.max_train_steps)
+        if problems:
+            raise UserError(*problems)
     # Token warmup counts optimizer steps; setup repeats this once the Accelerator knows the process count.
     dataset.set_training_steps(
         numbers.max_train_steps,

@@ -7,10 +7,9 @@ import math
 from pathlib import Path
 
 import pytest
-from safetensors import safe_open
+from train_helpers import db_args, make_images, metadata, overfit_args, run_main, tb_scalars
 
 from library.families.sd import StableDiffusionFamily
-from tests.train_helpers import db_args, make_images, run_main, tb_scalars
 
 
 @pytest.fixture
@@ -81,11 +80,6 @@ def test_loss_flags_against_prediction_type(
     assert error_lines(capsys) == [expected]
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata())
-
-
 def test_several_loss_and_noise_options_train(tiny_sd1_dir: Path, tmp_path: Path) -> None:
     data = make_images(tmp_path / "data", n=2)
     logs, out = tmp_path / "logs", tmp_path / "out"
@@ -93,22 +87,7 @@ def test_several_loss_and_noise_options_train(tiny_sd1_dir: Path, tmp_path: Path
         tiny_sd1_dir,
         data,
         out,
-        "--max_train_steps",
-        "40",
-        "--learning_rate",
-        "3e-3",
-        "--cache_latents",
-        "--logging_dir",
-        str(logs),
-        "--min_timestep",
-        "400",
-        "--max_timestep",
-        "401",
-        "--network_train_unet_only",
-        "--network_dim",
-        "16",
-        "--network_alpha",
-        "16",
+        *overfit_args(logs, 40),
         "--loss_type",
         "huber",
         "--huber_schedule",
@@ -132,7 +111,7 @@ def test_several_loss_and_noise_options_train(tiny_sd1_dir: Path, tmp_path: Path
     assert len(losses) == 40 and all(math.isfinite(v) for v in losses)
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.8 * first, (first, last)
-    md = read_metadata(out / "e2e.safetensors")
+    md = metadata(out / "e2e.safetensors")
     assert {k: md[k] for k in md if k.startswith(("ss_loss", "ss_huber", "ss_min_snr", "ss_debiased"))} == {
         "ss_loss_type": "huber",
         "ss_huber_schedule": "snr",
@@ -173,7 +152,7 @@ def test_v_prediction_with_zero_terminal_snr_and_pyramid_noise(tiny_sd1_dir: Pat
         name="e2e",
     )
     assert run_main(args) == 0
-    md = read_metadata(out / "e2e.safetensors")
+    md = metadata(out / "e2e.safetensors")
     assert md["ss_zero_terminal_snr"] == "True" and md["ss_base_model_version"] == "sd_v1_v"
     assert md["ss_multires_noise_iterations"] == "3" and md["ss_multires_noise_discount"] == "0.5"
     assert md["ss_loss_type"] == "smooth_l1" and md["ss_huber_schedule"] == "exponential"
@@ -201,7 +180,7 @@ def test_text_options_reach_the_family_and_metadata(
         s["clip_skip"] == 2 and s["max_token_length"] == 150 and s["weighted"] is True for s in seen
     )
     assert seen[0]["captions"] == ["sks (shape:1.3), [red]"] * 2
-    md = read_metadata(out / "e2e.safetensors")
+    md = metadata(out / "e2e.safetensors")
     assert md["ss_clip_skip"] == "2" and md["ss_max_token_length"] == "150"
 
 

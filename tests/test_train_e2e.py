@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from train_helpers import ROOT, db_args, make_images, run_main, tb_scalars
+from train_helpers import ROOT, db_args, make_images, overfit_args, run_main, tb_scalars
 
 
 @pytest.fixture
@@ -86,22 +86,7 @@ def test_loss_falls_on_overfit_run(tiny_sd1_dir: Path, tmp_path: Path):
         tiny_sd1_dir,
         data,
         tmp_path / "out",
-        "--max_train_steps",
-        "60",
-        "--learning_rate",
-        "3e-3",
-        "--cache_latents",
-        "--logging_dir",
-        str(logs),
-        "--min_timestep",
-        "400",
-        "--max_timestep",
-        "401",
-        "--network_train_unet_only",
-        "--network_dim",
-        "16",
-        "--network_alpha",
-        "16",
+        *overfit_args(logs, 60),
         name="e2e",
     )
     assert run_main(args) == 0

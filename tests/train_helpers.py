@@ -97,3 +97,12 @@ def tb_scalars(logdir: Path, tag: str) -> list:
 
 def tb_tags(logdir: Path) -> list[str]:
     return sorted(tb_accumulator(logdir).Tags()["scalars"])
+
+
+def overfit_args(logs: Path, steps: int) -> list[str]:
+    """A small run that must visibly learn: one narrow timestep band, a large UNet-only LoRA, a high lr."""
+    return [
+        "--max_train_steps", str(steps), "--learning_rate", "3e-3", "--cache_latents",
+        "--logging_dir", str(logs), "--min_timestep", "400", "--max_timestep", "401",
+        "--network_train_unet_only", "--network_dim", "16", "--network_alpha", "16",
+    ]  # fmt: skip

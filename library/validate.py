@@ -326,6 +326,7 @@ def validate(config: TrainConfig) -> list[str]:
         problems.append(
             "--network_train_unet_only and --network_train_text_encoder_only exclude each other; pick one"
         )
+    _check_text_cache(config, problems)
     lo = 0 if config.min_timestep is None else config.min_timestep
     hi = 1000 if config.max_timestep is None else config.max_timestep
     if not 0 <= lo < hi <= 1000:
@@ -341,6 +342,22 @@ def validate(config: TrainConfig) -> list[str]:
     _check_loss_noise(config, problems)
     _check_existing_outputs(config, problems)
     return problems
+
+
+def _check_text_cache(config: TrainConfig, problems: list[str]) -> None:
+    """--cache_text_encoder_outputs(_to_disk); the per-subset caption rules are checked with the dataset."""
+    if not (config.cache_text_encoder_outputs or config.cache_text_encoder_outputs_to_disk):
+        return
+    flag = (
+        "--cache_text_encoder_outputs_to_disk"
+        if config.cache_text_encoder_outputs_to_disk
+        else "--cache_text_encoder_outputs"
+    )
+    if not config.network_train_unet_only:
+        problems.append(
+            f"{flag} needs --network_train_unet_only: a text-encoder LoRA changes the text encoder's outputs "
+            "at every step, so they cannot be cached; add --network_train_unet_only or remove " + flag
+        )
 
 
 def _check_optim(config: TrainConfig, problems: list[str]) -> None:

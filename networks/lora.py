@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from library.errors import UserError
+from networks.key_aliases import alias_map, to_kohya_keys
 from networks.lora_args import NETWORK_ARGS, LoRAOptions, lora_options, parse_network_args
 from networks.lora_file import load_lora_file
 from networks.targets import Target, TargetTable, find_targets, select_table
@@ -204,6 +205,8 @@ class LoRANetwork(nn.Module):
         candidates = find_targets(
             self.table, unet, text_encoder_list, include_conv_classes=from_weights or bool(self.conv_lora_dim)
         )
+        # Other tools' spellings of these modules' keys, for load_weights (kept out of the state dict).
+        self.key_aliases = alias_map(candidates)
         for target in candidates:
             shape = self._shape_for(target, modules_dim, modules_alpha)
             if shape is None:
@@ -366,6 +369,7 @@ class LoRANetwork(nn.Module):
         else:
             state = load_lora_file(path_or_state_dict, flag=WEIGHTS_FLAG)[0]
             where = f"{WEIGHTS_FLAG} {path_or_state_dict}"
+        state = to_kohya_keys(state, self.key_aliases)
         own = self.state_dict()
         for lora in self.all_loras:  # absent alpha -> rank
             key = f"{lora.lora_name}.alpha"
@@ -486,7 +490,9 @@ def create_network_from_weights(
         if file is None:
             raise ValueError("create_network_from_weights needs `file` or `weights_sd`")
         weights_sd = load_lora_file(file, flag=WEIGHTS_FLAG)[0]
-    state = dict(weights_sd)
+    table = select_table(unet, _as_list(text_encoder))
+    candidates = find_targets(table, unet, _as_list(text_encoder), include_conv_classes=True)
+    state = to_kohya_keys(weights_sd, alias_map(candidates))
     modules_dim: dict[str, int] = {}
     modules_alpha: dict[str, float] = {}
     down_dims: dict[str, int] = {}

@@ -38,6 +38,23 @@ def clip_text_path(root: nn.Module, path: str) -> str:
     return path if hasattr(root, "text_model") else f"text_model.{path}"
 
 
+def sgm_unet_path(root: nn.Module, path: str) -> str:
+    """kohya names SDXL UNet modules as Stability's SGM code does: diffusers' `down_blocks.1.attentions.0`
+    is `input_blocks.4.1`, `up_blocks.0.upsamplers.0.conv` is `output_blocks.2.2.conv`, a resnet's `conv1` is
+    `in_layers.2`, and so on (the checkpoint converter's mapping, applied to module paths)."""
+    from library.families.sd_checkpoint import unet_key_to_ldm
+
+    up_attn = {i for i, block in enumerate(root.up_blocks) if getattr(block, "attentions", None) is not None}
+    name = unet_key_to_ldm(f"{path}.weight", root.config["layers_per_block"], up_attn)
+    return name.removesuffix(".weight")
+
+
+def _is_sdxl_unet(unet: nn.Module) -> bool:
+    return (
+        getattr(getattr(unet, "config", None), "get", lambda *_: None)("addition_embed_type") == "text_time"
+    )
+
+
 @dataclass(frozen=True)
 class TargetRow:
     prefix: str  # e.g. "lora_unet", "lora_te", later "lora_te1"/"lora_te2"
@@ -54,6 +71,7 @@ class TargetTable:
     unet_classes: tuple[str, ...]  # class names of the denoiser this table applies to
     num_text_encoders: int
     rows: tuple[TargetRow, ...]
+    accepts: Callable[[nn.Module], bool] = lambda unet: True  # tells apart families sharing a denoiser class
 
 
 @dataclass(frozen=True)
@@ -63,21 +81,26 @@ class Target:
     component: Component
     te_index: int
     kind: TargetKind
+    path: str = ""  # dotted module path inside its component, before any rename (diffusers' name)
+    prefix: str = ""  # the row's prefix, e.g. "lora_unet"
 
 
 _CLIP_TE_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
+
+_UNET_CONV_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 
 SD_TABLE = TargetTable(
     name="sd",
     unet_classes=("UNet2DConditionModel",),
     num_text_encoders=1,
+    accepts=lambda unet: not _is_sdxl_unet(unet),
     rows=(
         TargetRow(
             prefix="lora_unet",
             component="unet",
             te_index=0,
             classes=("Transformer2DModel",),
-            conv_classes=("ResnetBlock2D", "Downsample2D", "Upsample2D"),
+            conv_classes=_UNET_CONV_CLASSES,
         ),
         TargetRow(
             prefix="lora_te",
@@ -89,15 +112,47 @@ SD_TABLE = TargetTable(
     ),
 )
 
-# Order matters only when two tables accept the same denoiser class; the text-encoder count decides then.
-TABLES: tuple[TargetTable, ...] = (SD_TABLE,)
+# kohya's SDXL names: SGM block names for the UNet, lora_te1_ (CLIP-L) and lora_te2_ (OpenCLIP bigG).
+SDXL_TABLE = TargetTable(
+    name="sdxl",
+    unet_classes=("UNet2DConditionModel",),
+    num_text_encoders=2,
+    accepts=_is_sdxl_unet,
+    rows=(
+        TargetRow(
+            prefix="lora_unet",
+            component="unet",
+            te_index=0,
+            classes=("Transformer2DModel",),
+            conv_classes=_UNET_CONV_CLASSES,
+            rename=sgm_unet_path,
+        ),
+        TargetRow(
+            prefix="lora_te1",
+            component="text_encoder",
+            te_index=0,
+            classes=_CLIP_TE_CLASSES,
+            rename=clip_text_path,
+        ),
+        TargetRow(
+            prefix="lora_te2",
+            component="text_encoder",
+            te_index=1,
+            classes=_CLIP_TE_CLASSES,
+            rename=clip_text_path,
+        ),
+    ),
+)
+
+# A table applies when it accepts the denoiser (class and config) and the text-encoder count fits.
+TABLES: tuple[TargetTable, ...] = (SD_TABLE, SDXL_TABLE)
 
 
 def select_table(unet: nn.Module | None, text_encoders: Sequence[nn.Module]) -> TargetTable:
     """The table for these models: by denoiser class, then by number of text encoders (0 = TE not given)."""
     unet_class = type(unet).__name__ if unet is not None else None
     for table in TABLES:
-        class_ok = unet_class is None or unet_class in table.unet_classes
+        class_ok = unet_class is None or (unet_class in table.unet_classes and table.accepts(unet))
         count_ok = len(text_encoders) in (0, table.num_text_encoders)
         if class_ok and count_ok:
             return table
@@ -160,7 +215,7 @@ def find_targets(
                     if seen[name].module is not child:
                         raise ValueError(f"two different modules map to the LoRA name {name}")
                     continue
-                target = Target(name, child, row.component, row.te_index, kind)
+                target = Target(name, child, row.component, row.te_index, kind, path, row.prefix)
                 seen[name] = target
                 targets.append(target)
     return targets

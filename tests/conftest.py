@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random SD 1.x / 2.x models, written once per test session.
+"""Shared fixtures: tiny random SD 1.x / 2.x / SDXL models, written once per test session.
 
 Each version is written in both layouts from the same weights, so `tiny_sdX_dir` (diffusers folder) and
 `tiny_sdX_single_file` (LDM .safetensors + tokenizer folder) hold identical models. Treat them as
@@ -58,6 +58,27 @@ def tiny_sd2_dir(tiny_sd2_files: TinyModelFiles) -> Path:
 def tiny_sd2_single_file(tiny_sd2_files: TinyModelFiles) -> TinySingleFile:
     assert tiny_sd2_files.single_file is not None
     return tiny_sd2_files.single_file
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_files(tmp_path_factory: pytest.TempPathFactory) -> TinyModelFiles:
+    from library.families.tiny_sdxl import write_tiny_sdxl
+
+    return write_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "tiny-sdxl", fmt="both", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tiny_sdxl_files: TinyModelFiles) -> Path:
+    """Diffusers folder of a tiny SDXL (unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)."""
+    assert tiny_sdxl_files.diffusers_dir is not None
+    return tiny_sdxl_files.diffusers_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_single_file(tiny_sdxl_files: TinyModelFiles) -> TinySingleFile:
+    """Stability-layout .safetensors with the same weights; tokenizers: tokenizer_dir and its sibling _2."""
+    assert tiny_sdxl_files.single_file is not None
+    return tiny_sdxl_files.single_file
 
 
 @pytest.fixture

@@ -65,6 +65,10 @@ def run_main(argv: list[str]) -> int:
     return main(argv, prog="train_network.py", family="sd", description="test")
 
 
+def run_sdxl(argv: list[str]) -> int:
+    return main(argv, prog="sdxl_train_network.py", family="sdxl", description="test")
+
+
 def metadata(path: Path) -> dict[str, str]:
     with safe_open(str(path), "pt") as f:
         return dict(f.metadata())

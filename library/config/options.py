@@ -50,7 +50,13 @@ class TrainConfig(LossNoiseOptions):
     )
     vae: str | None = flag(None, "model", "VAE to use instead of the checkpoint's (folder or file)")
     tokenizer_path: str | None = flag(
-        None, "model", "folder with the CLIP tokenizer, for single-file checkpoints (vocab.json, merges.txt)"
+        None,
+        "model",
+        "folder with the CLIP tokenizer, for single-file checkpoints (vocab.json, merges.txt); SDXL: the first "
+        "(CLIP-L) tokenizer",
+    )
+    tokenizer_2_path: str | None = flag(
+        None, "model", "SDXL: folder with the second (OpenCLIP bigG) tokenizer, for single-file checkpoints"
     )
     tokenizer_cache_dir: str | None = flag(
         None, "model", "kohya-style local tokenizer cache (<dir>/openai_clip-vit-large-patch14, ...)"
@@ -156,6 +162,19 @@ class TrainConfig(LossNoiseOptions):
     vae_batch_size: int = flag(1, "dataset", "images per VAE batch when caching latents")
     skip_cache_check: bool = flag(
         False, "dataset", "trust existing latent cache files without checking their contents"
+    )
+    cache_text_encoder_outputs: bool = flag(
+        False,
+        "dataset",
+        "encode every caption once before training and keep the text-encoder outputs in RAM; the text "
+        "encoders then leave the GPU. Needs --network_train_unet_only and fixed captions (no shuffle_caption, "
+        "caption/tag dropout, token warmup or enable_wildcard)",
+    )
+    cache_text_encoder_outputs_to_disk: bool = flag(
+        False,
+        "dataset",
+        "also write them as <image>_te_outputs.npz next to the images and reuse valid files "
+        "(implies --cache_text_encoder_outputs)",
     )
     max_data_loader_n_workers: int = flag(8, "dataset", "DataLoader worker processes (capped at CPU count)")
     persistent_data_loader_workers: bool = flag(False, "dataset", "keep DataLoader workers between epochs")

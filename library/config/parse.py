@@ -274,6 +274,7 @@ def loggable_options(config: TrainConfig) -> dict[str, Any]:
         "network_weights",
         "sample_prompts",
         "tokenizer_path",
+        "tokenizer_2_path",
     }
     return {
         name: getattr(config, name)

@@ -1,6 +1,6 @@
 """Model families behind the `ModelFamily` protocol, looked up by name (`get_family("sd")`).
 
-Entry scripts pick the name (train_network.py -> "sd"); shared code never branches on it.
+Entry scripts pick the name (train_network.py -> "sd", sdxl_train_network.py -> "sdxl"); shared code never branches on it.
 """
 
 from __future__ import annotations
@@ -17,8 +17,14 @@ def _sd() -> ModelFamily:
     return StableDiffusionFamily()
 
 
+def _sdxl() -> ModelFamily:
+    from library.families.sdxl import StableDiffusionXLFamily
+
+    return StableDiffusionXLFamily()
+
+
 # Factories import lazily, so `import library.families` stays cheap (no diffusers/transformers import).
-_FAMILIES: dict[str, Callable[[], ModelFamily]] = {"sd": _sd}
+_FAMILIES: dict[str, Callable[[], ModelFamily]] = {"sd": _sd, "sdxl": _sdxl}
 
 
 def family_names() -> list[str]:

@@ -53,6 +53,8 @@ class ModelFamily(Protocol):
     latent_channels: int
     latent_downscale: int  # pixels per latent cell (8 for SD VAEs)
     bucket_reso_steps_multiple: int  # bucket_reso_steps must be a multiple of this
+    tokenizer_flags: tuple[str, ...]  # the --tokenizer_*path options this family reads, one per text encoder
+    clip_skip_supported: bool  # False: --clip_skip is ignored (with a warning), as kohya does for SDXL
 
     def inspect(self, model_path: Path, *, v2: bool, v_parameterization: bool) -> ModelInfo:
         """Read headers/configs only; raise UserError for missing components or a wrong family."""
@@ -65,6 +67,7 @@ class ModelFamily(Protocol):
         tokenizer_path: Path | None,
         dtype: torch.dtype,
         tokenizer_cache_dir: Path | None = None,
+        tokenizer_2_path: Path | None = None,
     ) -> ModelBundle:
         """Load every component on CPU in `dtype` (VAE may stay fp32).
 
@@ -84,8 +87,15 @@ class ModelFamily(Protocol):
         max_token_length: int | None,
         weighted: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Captions -> conditioning tensors for `predict` (on the text encoders' device). `weighted`: parse
-        kohya's `(text:1.3)` / `(text)` / `[text]` weights and scale the tokens' states (--weighted_captions)."""
+        """Captions -> conditioning tensors for `predict` (on the text encoders' device), every one batch-first
+        ([B, ...]) and depending only on its own caption, so that they can be cached per caption. `weighted`:
+        parse kohya's `(text:1.3)` / `(text)` / `[text]` weights and scale the tokens' states."""
+
+    def batch_conditioning(
+        self, bundle: ModelBundle, batch: dict[str, Any], device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """Conditioning that comes from the batch rather than the captions (SDXL: size/crop `time_ids` from
+        `original_sizes_hw`, `crop_top_lefts`, `target_sizes_hw`), merged into `predict`'s `cond`."""
 
     def noisy_input_and_target(
         self,

@@ -37,14 +37,14 @@ FOLDER_CONTENTS = (
 _WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{MODEL_FLAG}: cannot read {path} ({e}); re-download the model folder") from None
 
 
-def _weights_variant(folder: Path, stem: str) -> tuple[bool, str | None]:
+def weights_variant(folder: Path, stem: str) -> tuple[bool, str | None]:
     """(has weights, variant): variant is "fp16" when only `<stem>.fp16.*` weights exist."""
     names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
     stems = (stem, "pytorch_model") if stem == "model" else (stem,)
@@ -57,9 +57,9 @@ def _weights_variant(folder: Path, stem: str) -> tuple[bool, str | None]:
 
 def _reject_other_families(path: Path) -> None:
     index = path / "model_index.json"
-    cls = _read_json(index).get("_class_name", "") if index.is_file() else ""
+    cls = read_json(index).get("_class_name", "") if index.is_file() else ""
     unet_config = path / "unet" / "config.json"
-    sdxl_unet = unet_config.is_file() and _read_json(unet_config).get("addition_embed_type") is not None
+    sdxl_unet = unet_config.is_file() and read_json(unet_config).get("addition_embed_type") is not None
     if (path / "text_encoder_2").is_dir() or "XL" in cls or sdxl_unet:
         raise UserError(f"{MODEL_FLAG}: {path} is an SDXL checkpoint; use sdxl_train_network.py")
     if (path / "transformer").is_dir() or "Flux" in cls:
@@ -75,7 +75,7 @@ def _inspect_folder(path: Path) -> tuple[str, dict[str, Any]]:
     for part, stem in _WEIGHT_STEMS.items():
         if not (path / part / "config.json").is_file():
             missing.append(f"{part}/config.json")
-        has_weights, variants[part] = _weights_variant(path / part, stem)
+        has_weights, variants[part] = weights_variant(path / part, stem)
         if not has_weights:
             missing.append(f"{part}/{stem}.safetensors")
     if missing:
@@ -83,17 +83,17 @@ def _inspect_folder(path: Path) -> tuple[str, dict[str, Any]]:
             f"{MODEL_FLAG}: {path} is missing {', '.join(missing)}; {FOLDER_CONTENTS} "
             "(or pass a single .safetensors/.ckpt file)"
         )
-    unet = _read_json(path / "unet" / "config.json")
+    unet = read_json(path / "unet" / "config.json")
     if unet.get("in_channels", 4) != 4:
         raise UserError(
             f"{MODEL_FLAG}: {path} has a UNet with in_channels={unet['in_channels']} (inpainting/depth model); "
             "only text-to-image SD 1.x/2.x models can be trained"
         )
-    te = _read_json(path / "text_encoder" / "config.json")
+    te = read_json(path / "text_encoder" / "config.json")
     # OpenCLIP (SD2) uses GELU; OpenAI CLIP-L (SD1) quick_gelu, also the transformers default.
     version = "sd2" if te.get("hidden_act", "quick_gelu") == "gelu" else "sd1"
     scheduler = path / "scheduler" / "scheduler_config.json"
-    prediction = _read_json(scheduler).get("prediction_type") if scheduler.is_file() else None
+    prediction = read_json(scheduler).get("prediction_type") if scheduler.is_file() else None
     return version, {"variants": variants, "scheduler_prediction_type": prediction}
 
 
@@ -158,7 +158,7 @@ def load_vae(vae_path: Path) -> torch.nn.Module:
     if vae_path.is_dir():
         for folder in (vae_path, vae_path / "vae"):
             if (folder / "config.json").is_file():
-                return _from_pretrained(AutoencoderKL, folder, "--vae", torch_dtype=torch.float32)
+                return from_pretrained(AutoencoderKL, folder, "--vae", torch_dtype=torch.float32)
         raise UserError(
             f"--vae: {vae_path} has no config.json; pass a diffusers VAE folder (config.json + "
             "diffusion_pytorch_model.safetensors) or a .safetensors/.ckpt VAE file"
@@ -177,7 +177,7 @@ def load_vae(vae_path: Path) -> torch.nn.Module:
     return ckpt.ldm_to_vae(sd, config, vae_path, prefix="", dtype=torch.float32)
 
 
-def _from_pretrained(cls: Any, folder: Path, flag: str = MODEL_FLAG, **kwargs: Any) -> torch.nn.Module:
+def from_pretrained(cls: Any, folder: Path, flag: str = MODEL_FLAG, **kwargs: Any) -> torch.nn.Module:
     """`cls.from_pretrained(folder)`; a corrupt or mismatched weights file is a UserError naming the folder."""
     import pickle
 
@@ -198,14 +198,12 @@ def _load_folder(info: ModelInfo, dtype: torch.dtype) -> tuple[torch.nn.Module, 
     from transformers import CLIPTextModel
 
     path, variants = info.path, info.details.get("variants", {})
-    unet = _from_pretrained(
+    unet = from_pretrained(
         UNet2DConditionModel, path / "unet", torch_dtype=dtype, variant=variants.get("unet")
     )
-    vae = _from_pretrained(
-        AutoencoderKL, path / "vae", torch_dtype=torch.float32, variant=variants.get("vae")
-    )
+    vae = from_pretrained(AutoencoderKL, path / "vae", torch_dtype=torch.float32, variant=variants.get("vae"))
     # .to() rather than a dtype kwarg: its name differs between transformers 4 and 5.
-    te = _from_pretrained(CLIPTextModel, path / "text_encoder", variant=variants.get("text_encoder"))
+    te = from_pretrained(CLIPTextModel, path / "text_encoder", variant=variants.get("text_encoder"))
     te = te.to(dtype)
     return unet, vae, te
 
@@ -230,6 +228,8 @@ class StableDiffusionFamily:
     latent_channels = 4
     latent_downscale = 8
     bucket_reso_steps_multiple = 64
+    tokenizer_flags: tuple[str, ...] = ("--tokenizer_path",)
+    clip_skip_supported = True
 
     def inspect(self, model_path: Path, *, v2: bool, v_parameterization: bool) -> ModelInfo:
         path = Path(model_path)
@@ -261,6 +261,7 @@ class StableDiffusionFamily:
         tokenizer_path: Path | None,
         dtype: torch.dtype,
         tokenizer_cache_dir: Path | None = None,
+        tokenizer_2_path: Path | None = None,
     ) -> ModelBundle:
         # Resolve the tokenizer first: it is the cheapest thing to get wrong.
         tokenizer = resolve_tokenizer(
@@ -343,6 +344,11 @@ class StableDiffusionFamily:
         alphas = 1.0 - betas
         # New tensors (not in-place): the cached device tables notice the new identity and rebuild.
         scheduler.betas, scheduler.alphas, scheduler.alphas_cumprod = betas, alphas, torch.cumprod(alphas, 0)
+
+    def batch_conditioning(
+        self, bundle: ModelBundle, batch: dict[str, Any], device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        return {}  # SD 1.x/2.x condition on text only
 
     def predict(
         self, bundle: ModelBundle, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]

@@ -221,7 +221,7 @@ def text_encoder_config_from_shapes(shapes: Mapping[str, tuple[int, ...]], versi
 # ------------------------------------------------------------------------------------ LDM -> modules
 
 
-def _build(
+def build_module(
     cls_factory: Any, state_dict: StateDict, what: str, path: Path, dtype: torch.dtype | None
 ) -> torch.nn.Module:
     """Instantiate without allocating random weights, then adopt the converted tensors (strictly).
@@ -241,7 +241,7 @@ def _build(
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
         raise UserError(
-            f"{path}: the {what} weights do not match an SD 1.x/2.x layout "
+            f"{path}: the {what} weights do not match the layout expected for this model family "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}); is this a standard SD checkpoint?"
         )
     if dtype is not None:
@@ -257,7 +257,7 @@ def ldm_to_unet(
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     converted = convert_ldm_unet_checkpoint(sd, config)
-    return _build(lambda: UNet2DConditionModel(**config), converted, "UNet", path, dtype)
+    return build_module(lambda: UNet2DConditionModel(**config), converted, "UNet", path, dtype)
 
 
 def ldm_to_vae(
@@ -274,7 +274,7 @@ def ldm_to_vae(
     bare = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     bare = {k: v for k, v in bare.items() if k.startswith(_VAE_ROOTS)}
     converted = convert_ldm_vae_checkpoint(bare, config)
-    return _build(lambda: AutoencoderKL(**config), converted, "VAE", path, dtype)
+    return build_module(lambda: AutoencoderKL(**config), converted, "VAE", path, dtype)
 
 
 def ldm_to_text_encoder(
@@ -286,7 +286,7 @@ def ldm_to_text_encoder(
     te_config = CLIPTextConfig(**config)
     if version == "sd1":
         converted = convert_ldm_clip_checkpoint({k: v for k, v in sd.items() if k.startswith(CLIP_PREFIX)})
-        return _build(lambda: CLIPTextModel(te_config), converted, "text encoder", path, dtype)
+        return build_module(lambda: CLIPTextModel(te_config), converted, "text encoder", path, dtype)
     n = config["num_hidden_layers"]
     block = re.compile(re.escape(OPENCLIP_PREFIX) + r"transformer\.resblocks\.(\d+)\.")
     # Drop OpenCLIP's last block (kept blocks: 0..n-1) and anything outside the text tower.
@@ -298,7 +298,7 @@ def ldm_to_text_encoder(
     holder = type("ConfigHolder", (), {"config": te_config})()  # the converter only reads .config
     converted = convert_open_clip_checkpoint(holder, kept, prefix=OPENCLIP_PREFIX)
     converted.pop("text_projection.weight", None)  # CLIPTextModel has no projection head
-    return _build(lambda: CLIPTextModel(te_config), converted, "text encoder", path, dtype)
+    return build_module(lambda: CLIPTextModel(te_config), converted, "text encoder", path, dtype)
 
 
 # ------------------------------------------------------------------------------------ modules -> LDM
@@ -317,6 +317,9 @@ _UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    # SDXL's size/pooled-text embedding (absent from SD 1.x/2.x UNets)
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 
 
@@ -343,24 +346,26 @@ _UNET_BLOCK = re.compile(
 )
 
 
+def unet_key_to_ldm(key: str, layers_per_block: int, up_blocks_with_attention: set[int]) -> str:
+    """One diffusers UNet parameter (or module) path -> its LDM/SGM name, e.g.
+    `down_blocks.1.attentions.0.proj_in.weight` -> `input_blocks.4.1.proj_in.weight` (layers_per_block 2)."""
+    per = layers_per_block + 1
+    head, _, param = key.rpartition(".")
+    if head in _UNET_TOP:
+        return f"{_UNET_TOP[head]}.{param}"
+    if m := _UNET_BLOCK.match(key):
+        kind, b, part, j, rest = m.groups()
+        return _unet_block_key(kind, int(b), part, int(j), rest, per, up_blocks_with_attention)
+    if m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key):
+        is_resnet, k, rest = m.group(1) == "resnets", int(m.group(2)), m.group(3)
+        return f"middle_block.{2 * k}.{_resnet(rest)}" if is_resnet else f"middle_block.1.{rest}"
+    raise ValueError(f"unexpected UNet key {key}")
+
+
 def unet_to_ldm(sd: Mapping[str, torch.Tensor], layers_per_block: int) -> StateDict:
     """diffusers UNet state dict -> LDM keys (without the `model.diffusion_model.` prefix)."""
-    per = layers_per_block + 1
     up_attn = set(_indices(sd, r"up_blocks\.(\d+)\.attentions\."))
-    out: StateDict = {}
-    for key, value in sd.items():
-        head, _, param = key.rpartition(".")
-        if head in _UNET_TOP:
-            out[f"{_UNET_TOP[head]}.{param}"] = value
-        elif m := _UNET_BLOCK.match(key):
-            kind, b, part, j, rest = m.groups()
-            out[_unet_block_key(kind, int(b), part, int(j), rest, per, up_attn)] = value
-        elif m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key):
-            is_resnet, k, rest = m.group(1) == "resnets", int(m.group(2)), m.group(3)
-            out[f"middle_block.{2 * k}.{_resnet(rest)}" if is_resnet else f"middle_block.1.{rest}"] = value
-        else:
-            raise ValueError(f"unexpected UNet key {key}")
-    return out
+    return {unet_key_to_ldm(key, layers_per_block, up_attn): value for key, value in sd.items()}
 
 
 # diffusers VAE attention names (current and pre-0.14 ones) -> LDM's.
@@ -397,10 +402,10 @@ def vae_to_ldm(sd: Mapping[str, torch.Tensor]) -> StateDict:
     return out
 
 
-def clip_to_ldm(sd: Mapping[str, torch.Tensor]) -> StateDict:
-    """SD1 CLIPTextModel -> `cond_stage_model.transformer.text_model.*` (transformers 4 and 5 layouts)."""
+def clip_to_ldm(sd: Mapping[str, torch.Tensor], prefix: str = CLIP_PREFIX) -> StateDict:
+    """CLIP-L CLIPTextModel -> `<prefix>text_model.*` (transformers 4 and 5 layouts)."""
     return {
-        CLIP_PREFIX + (k if k.startswith("text_model.") else f"text_model.{k}"): v
+        prefix + (k if k.startswith("text_model.") else f"text_model.{k}"): v
         for k, v in sd.items()
         if not k.endswith("position_ids")
     }
@@ -415,17 +420,28 @@ _OPENCLIP_LAYER = {
 }
 
 
-def open_clip_to_ldm(sd: Mapping[str, torch.Tensor]) -> StateDict:
-    """SD2 CLIPTextModel (n layers) -> OpenCLIP layout with n+1 blocks (see module docstring)."""
+def open_clip_to_ldm(
+    sd: Mapping[str, torch.Tensor], prefix: str = OPENCLIP_PREFIX, *, sd2_extra_block: bool = True
+) -> StateDict:
+    """CLIP text model -> OpenCLIP layout under `prefix`.
+
+    SD2 (`sd2_extra_block`): n layers are written as n+1 blocks plus an identity projection (see the module
+    docstring). SDXL's bigG keeps every block and has a real projection (`text_projection.weight`, stored
+    transposed as OpenCLIP multiplies `x @ text_projection`)."""
     sd = {k.removeprefix("text_model."): v for k, v in sd.items() if not k.endswith("position_ids")}
-    p = OPENCLIP_PREFIX
+    p = prefix
     hidden = sd["final_layer_norm.weight"].shape[0]
+    projection = sd.get("text_projection.weight")
     out: StateDict = {
         p + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
         p + "positional_embedding": sd["embeddings.position_embedding.weight"],
         p + "ln_final.weight": sd["final_layer_norm.weight"],
         p + "ln_final.bias": sd["final_layer_norm.bias"],
-        p + "text_projection": torch.eye(hidden, dtype=sd["final_layer_norm.weight"].dtype),
+        p + "text_projection": (
+            projection.T
+            if projection is not None
+            else torch.eye(hidden, dtype=sd["final_layer_norm.weight"].dtype)
+        ),
         p + "logit_scale": torch.tensor(math.log(1 / 0.07)),
     }
     layers = _indices(sd, r"encoder\.layers\.(\d+)\.")
@@ -437,6 +453,8 @@ def open_clip_to_ldm(sd: Mapping[str, torch.Tensor]) -> StateDict:
         for ours, theirs in _OPENCLIP_LAYER.items():
             for kind in ("weight", "bias"):
                 out[f"{dst}{theirs}.{kind}"] = sd[f"{src}{ours}.{kind}"]
+    if not sd2_extra_block:
+        return out
     last, extra = f"{p}transformer.resblocks.{layers[-1]}.", f"{p}transformer.resblocks.{layers[-1] + 1}."
     out.update({k.replace(last, extra): v.clone() for k, v in list(out.items()) if k.startswith(last)})
     return out
@@ -455,6 +473,12 @@ def save_single_file(components: Mapping[str, torch.nn.Module], path: Path, vers
         state[VAE_PREFIX + k] = v
     te = components["text_encoder"].state_dict()
     state.update(clip_to_ldm(te) if version == "sd1" else open_clip_to_ldm(te))
+    return write_state_dict(state, path)
+
+
+def write_state_dict(state: Mapping[str, torch.Tensor], path: Path) -> Path:
+    """Save a checkpoint state dict as .safetensors, or as a .ckpt ({"state_dict": ...}) via torch.save."""
+    _check_suffix(path, "save_single_file")
     # safetensors refuses shared or non-contiguous storage; a private contiguous copy is cheap for our sizes.
     state = {k: v.detach().contiguous().clone() for k, v in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)

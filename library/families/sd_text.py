@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 HUB_TOKENIZERS = {
     "sd1": ("openai/clip-vit-large-patch14", None),
     "sd2": ("stabilityai/stable-diffusion-2", "tokenizer"),
+    # SDXL: CLIP-L's tokenizer for text encoder 1, OpenCLIP bigG's for text encoder 2 (strategy_sdxl.py).
+    "sdxl_1": ("openai/clip-vit-large-patch14", None),
+    "sdxl_2": ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", None),
 }
 MAX_TOKEN_LENGTHS = (75, 150, 225)
 
@@ -89,18 +92,22 @@ def resolve_tokenizer(
     layout: str,
     tokenizer_path: Path | None,
     tokenizer_cache_dir: Path | None,
+    folder_name: str = "tokenizer",
+    flag: str = "--tokenizer_path",
 ) -> Any:
-    """The CLIP tokenizer for an SD1/SD2 model, from local folders first (order in the module docstring)."""
+    """The CLIP tokenizer `version` (a HUB_TOKENIZERS key) of a model, from local folders first (order in the
+    module docstring). `folder_name`: its sub-folder in a diffusers model folder; `flag`: the option that
+    overrides it (SDXL's second tokenizer: tokenizer_2 / --tokenizer_2_path)."""
     if tokenizer_path is not None:
-        for folder in (tokenizer_path, tokenizer_path / "tokenizer"):
+        for folder in (tokenizer_path, tokenizer_path / folder_name):
             if _is_tokenizer_dir(folder):
                 return _load(folder)
         raise UserError(
-            f"--tokenizer_path: {tokenizer_path} has no vocab.json/merges.txt; pass a CLIP tokenizer folder "
-            "(e.g. the tokenizer/ folder of a diffusers SD model)"
+            f"{flag}: {tokenizer_path} has no vocab.json/merges.txt; pass a CLIP tokenizer folder "
+            f"(e.g. the {folder_name}/ folder of a diffusers model)"
         )
-    if layout == "diffusers" and _is_tokenizer_dir(model_path / "tokenizer"):
-        return _load(model_path / "tokenizer")
+    if layout == "diffusers" and _is_tokenizer_dir(model_path / folder_name):
+        return _load(model_path / folder_name)
     repo, subfolder = HUB_TOKENIZERS[version]
     if tokenizer_cache_dir is not None:
         local = tokenizer_cache_dir / repo.replace("/", "_")
@@ -110,11 +117,11 @@ def resolve_tokenizer(
     tokenizer = _from_hub(repo, subfolder, tokenizer_cache_dir)
     if tokenizer is not None:
         return tokenizer
-    what = "single-file checkpoint" if layout == "single_file" else "model folder (it has no tokenizer/)"
-    example = "SD1" if version == "sd1" else "SD2"
+    what = "single-file checkpoint" if layout == "single_file" else f"model folder (it has no {folder_name}/)"
+    example = {"sd1": "SD1", "sd2": "SD2"}.get(version, "SDXL")
     raise UserError(
-        f"no tokenizer for {what} {model_path}: pass --tokenizer_path <folder with vocab.json/merges.txt> "
-        f"(e.g. the tokenizer/ folder of any {example} diffusers model) or --tokenizer_cache_dir "
+        f"no tokenizer for {what} {model_path}: pass {flag} <folder with vocab.json/merges.txt> "
+        f"(e.g. the {folder_name}/ folder of any {example} diffusers model) or --tokenizer_cache_dir "
         f"<dir containing {repo.replace('/', '_')}>"
     )
 
@@ -209,6 +216,25 @@ def _hidden_states(text_encoder: Any, ids: torch.Tensor, clip_skip: int | None) 
     return final_norm(out.hidden_states[-clip_skip])
 
 
+def join_windows(hidden: torch.Tensor, batch: int, n_chunks: int, window: int) -> torch.Tensor:
+    """[B * n, window, C] window states -> [B, 75n + 2, C]: the first BOS state, each window's 75 inner states
+    and the very last state (EOS or padding), as kohya re-joins long prompts."""
+    hidden = hidden.reshape(batch, n_chunks * window, hidden.shape[-1])
+    if n_chunks == 1:
+        return hidden
+    parts = [hidden[:, :1]]
+    parts += [hidden[:, c * window + 1 : (c + 1) * window - 1] for c in range(n_chunks)]
+    parts.append(hidden[:, -1:])
+    return torch.cat(parts, dim=1)
+
+
+def check_max_token_length(max_token_length: int | None) -> None:
+    if max_token_length is not None and max_token_length not in MAX_TOKEN_LENGTHS:
+        raise UserError(
+            f"--max_token_length: {max_token_length} is not supported; use 150 or 225, or leave it unset (75)"
+        )
+
+
 def encode_prompts(
     text_encoder: Any,
     tokenizer: Any,
@@ -223,10 +249,7 @@ def encode_prompts(
     layers = text_encoder.config.num_hidden_layers
     if clip_skip is not None and not 1 <= clip_skip <= layers:
         raise UserError(f"--clip_skip: {clip_skip} is out of range; use 1..{layers} (2 = penultimate layer)")
-    if max_token_length is not None and max_token_length not in MAX_TOKEN_LENGTHS:
-        raise UserError(
-            f"--max_token_length: {max_token_length} is not supported; use 150 or 225, or leave it unset (75)"
-        )
+    check_max_token_length(max_token_length)
     window = text_encoder.config.max_position_embeddings  # 77: BOS + 75 tokens + EOS
     n_chunks = (max_token_length or window - 2) // (window - 2)
     device = next(text_encoder.parameters()).device
@@ -238,13 +261,7 @@ def encode_prompts(
     ids = ids.to(device, non_blocking=True)
     batch = ids.shape[0]
     hidden = _hidden_states(text_encoder, ids.view(-1, window), clip_skip)
-    hidden = hidden.view(batch, n_chunks * window, hidden.shape[-1])
-    if n_chunks > 1:
-        # Keep the first BOS state, each window's 75 inner states, and the very last state (EOS or padding).
-        parts = [hidden[:, :1]]
-        parts += [hidden[:, c * window + 1 : (c + 1) * window - 1] for c in range(n_chunks)]
-        parts.append(hidden[:, -1:])
-        hidden = torch.cat(parts, dim=1)
+    hidden = join_windows(hidden, batch, n_chunks, window)
     if weights is not None:
         # kohya scales each token's final state by its weight, without renormalising the mean.
         hidden = hidden * weights.to(hidden.device, hidden.dtype, non_blocking=True).unsqueeze(-1)

@@ -106,7 +106,8 @@ def training_metadata(
         "ss_network_dropout": config.network_dropout,
         "ss_scale_weight_norms": config.scale_weight_norms,
         "ss_learning_rate": config.learning_rate,
-        "ss_text_encoder_lr": config.text_encoder_lr[0] if config.text_encoder_lr else None,
+        # one value as kohya writes it; per-encoder values as the list kohya's str() would give
+        "ss_text_encoder_lr": _text_encoder_lr(config.text_encoder_lr),
         "ss_unet_lr": config.unet_lr,
         "ss_optimizer": optimizer_desc,
         "ss_lr_scheduler": lr_scheduler_desc,
@@ -185,3 +186,9 @@ def per_save_metadata(base: dict[str, str], *, steps: int, epoch: int, no_metada
     if not no_metadata:
         md.update(ss_training_finished_at=str(time.time()), ss_steps=str(steps), ss_epoch=str(epoch))
     return md
+
+
+def _text_encoder_lr(values: list[float]) -> float | str | None:
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else str(list(values))

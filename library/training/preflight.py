@@ -93,8 +93,32 @@ def check_prediction_flags(config: TrainConfig, info: ModelInfo) -> None:
         )
 
 
+def check_family_flags(config: TrainConfig, family: ModelFamily) -> None:
+    """Options that only some families read: an error where ignoring one would surprise, else a warning."""
+    given = {"--tokenizer_path": config.tokenizer_path, "--tokenizer_2_path": config.tokenizer_2_path}
+    unused = [flag for flag, value in given.items() if value and flag not in family.tokenizer_flags]
+    if unused:
+        raise UserError(
+            *(f"{flag}: this model family has no such tokenizer; remove {flag}" for flag in unused)
+        )
+    encoders = len(family.tokenizer_flags)  # one tokenizer per text encoder
+    if len(config.text_encoder_lr) > encoders:
+        raise UserError(
+            f"--text_encoder_lr: {len(config.text_encoder_lr)} values given, but this model has {encoders} text "
+            f"encoder(s); pass one value for all of them"
+            + (f" or {encoders}, one each" if encoders > 1 else "")
+        )
+    if config.clip_skip is not None and not family.clip_skip_supported:
+        log.warning(
+            "--clip_skip %s is ignored: this model family always uses the layers it was trained on "
+            "(SDXL: the penultimate ones)",
+            config.clip_skip,
+        )
+
+
 def preflight(config: TrainConfig, family: ModelFamily) -> Preflight:
     """Seed, dataset scan and model inspection, all problems in one UserError; prints the plan (rank 0)."""
+    check_family_flags(config, family)
     seed = run_seed(config)
     log.info("seed: %d", seed)
     dataset, info = R.scan_dataset_and_model(config, family, seed)
@@ -115,7 +139,11 @@ def preflight(config: TrainConfig, family: ModelFamily) -> Preflight:
         num_processes=numbers.num_processes,
     )
     if R.is_main_process():
-        print(dataset.plan_text(numbers, cache_summary(config, family, dataset)), flush=True)
+        from library.training.te_cache import plan_line
+
+        caches = [cache_summary(config, family, dataset), plan_line(config, family, dataset)]
+        summary = "\n".join(line for line in caches if line) or None
+        print(dataset.plan_text(numbers, summary), flush=True)
     return Preflight(seed, dataset, info, numbers)
 
 

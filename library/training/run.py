@@ -132,6 +132,11 @@ def build_dataset(config: TrainConfig, family: ModelFamily, seed: int) -> Any:
 
         flag = "--cache_latents_to_disk" if config.cache_latents_to_disk else "--cache_latents"
         problems = cache_problems((subset for spec in specs for subset in spec.subsets), flag)
+    if config.cache_text_encoder_outputs or config.cache_text_encoder_outputs_to_disk:
+        from library.data.text_cache import text_cache_problems
+        from library.training.te_cache import cache_flag
+
+        problems += text_cache_problems(specs, cache_flag(config))
     try:
         group = build_dataset_group(
             specs,
@@ -176,6 +181,7 @@ def load_bundle(config: TrainConfig, family: ModelFamily, info: Any, dtype: torc
         tokenizer_path=Path(config.tokenizer_path) if config.tokenizer_path else None,
         dtype=dtype,
         tokenizer_cache_dir=Path(config.tokenizer_cache_dir) if config.tokenizer_cache_dir else None,
+        tokenizer_2_path=Path(config.tokenizer_2_path) if config.tokenizer_2_path else None,
     )
     if not config.no_half_vae and dtype != torch.float32:
         bundle.vae.to(dtype=dtype)

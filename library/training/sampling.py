@@ -1,8 +1,8 @@
 """Sample images during training (--sample_prompts): when, how, and where they go.
 
 The family draws the images; this module decides the cadence (kohya's), names and saves them, logs them, and
-leaves training exactly as it was: RNG states, network/model/optimizer modes and the VAE's device are
-restored, so a run with sampling trains the same LoRA as one without.
+leaves training exactly as it was: RNG states, network/model/optimizer modes and the devices of the VAE
+and text encoders are restored, so a run with sampling trains the same LoRA as one without.
 """
 
 from __future__ import annotations
@@ -123,7 +123,9 @@ class ImageSampler:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d%H%M%S")
         vae = self.bundle.vae
-        vae_device = next(vae.parameters()).device
+        # Both may wait on the CPU (latent / text-encoder output caching); they come back there afterwards.
+        borrowed = [vae, *self.bundle.text_encoders]
+        homes = [next(m.parameters()).device for m in borrowed]
         config = self.bundle.noise_scheduler.config
         # Once per sampling call: the training schedule ends at SNR 0 only after --zero_terminal_snr.
         zero_snr = float(self.bundle.noise_scheduler.alphas_cumprod[-1]) == 0.0
@@ -134,7 +136,8 @@ class ImageSampler:
                 p if p.seed is not None else _with_seed(p, int(torch.randint(0, 2**31 - 1, ()).item()))
                 for p in self.prompts
             ]
-            vae.to(self.device)
+            for module in borrowed:
+                module.to(self.device)
             try:
                 with self.autocast() if self.autocast else nullcontext():
                     images = self.family.sample_images(
@@ -146,7 +149,8 @@ class ImageSampler:
                         max_token_length=self.max_token_length,
                     )
             finally:
-                vae.to(vae_device)
+                for module, home in zip(borrowed, homes, strict=True):
+                    module.to(home)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
         paths = []

@@ -19,6 +19,7 @@ from library.training.noise import NoiseOptions
 from library.training.preflight import preflight
 from library.training.state import Progress, load_state
 from library.training.step import StepOptions
+from library.training.te_cache import cache_text_encoder_outputs_if_needed, caching_text
 from library.validate import parse_key_values, parse_resolution
 
 log = logging.getLogger("loratrain")
@@ -31,8 +32,9 @@ def _configure_model(
 ) -> None:
     # The family loaded the weights in weight_dtype already; only the device changes here.
     bundle.unet.to(device)
-    for te in bundle.text_encoders:
-        te.to(device)
+    if not caching_text(config):  # cached outputs replace the text encoders, which stay on the CPU
+        for te in bundle.text_encoders:
+            te.to(device)
     if config.xformers:
         bundle.unet.enable_xformers_memory_efficient_attention()
     if config.gradient_checkpointing:
@@ -130,6 +132,17 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
     cached = R.cache_latents_if_needed(config, family, bundle, dataset, device)
     if not cached:
         bundle.vae.to(device)
+    max_token_length = None if config.max_token_length in (None, 75) else config.max_token_length
+    text_cache = cache_text_encoder_outputs_if_needed(
+        config,
+        family,
+        bundle,
+        dataset,
+        device,
+        dtype=weight_dtype,
+        max_token_length=max_token_length,
+        autocast=accelerator.autocast,
+    )
 
     train_unet = not config.network_train_text_encoder_only
     train_te = not config.network_train_unet_only
@@ -139,7 +152,7 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
         _half_network(network, accelerator, weight_dtype, config.full_fp16)
     _configure_model(config, bundle, device, weight_dtype, train_te)
 
-    te_lr = config.text_encoder_lr[0] if config.text_encoder_lr else None
+    te_lr = list(config.text_encoder_lr) or None  # one value, or one per text encoder (SDXL: TE1, TE2)
     groups, lr_names = network.prepare_optimizer_params(te_lr, config.unet_lr, config.learning_rate)
     params = [p for g in groups for p in g["params"]]
     if not params:
@@ -187,13 +200,14 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
         min_timestep=lo,
         max_timestep=hi,
         clip_skip=config.clip_skip,
-        max_token_length=None if config.max_token_length in (None, 75) else config.max_token_length,
+        max_token_length=max_token_length,
         train_text_encoder=train_te,
         weight_dtype=weight_dtype,
         loss=loss_options,
         noise=noise_options,
         num_train_timesteps=bundle.noise_scheduler.config.num_train_timesteps,
         weighted_captions=config.weighted_captions,
+        text_cache=text_cache,
     )
     metadata = training_metadata(
         config,

@@ -30,6 +30,9 @@ class StepOptions:
     noise: NoiseOptions = field(default_factory=NoiseOptions)
     num_train_timesteps: int = 1000
     weighted_captions: bool = False
+    # library.data.text_cache.TextEncoderCache (--cache_text_encoder_outputs): conditioning is looked up
+    # there instead of running the text encoders.
+    text_cache: Any = None
 
 
 def batch_latents(
@@ -48,8 +51,16 @@ def batch_latents(
 
 
 def text_conditioning(
-    family: ModelFamily, bundle: ModelBundle, captions: list[str], options: StepOptions
+    family: ModelFamily,
+    bundle: ModelBundle,
+    captions: list[str],
+    options: StepOptions,
+    device: torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
+    """The family's conditioning for the captions; from the text-encoder output cache when there is one
+    (sent to `device`, without a host sync)."""
+    if options.text_cache is not None:
+        return options.text_cache.lookup(captions, device)
     grad = torch.enable_grad() if options.train_text_encoder else torch.no_grad()
     with grad:
         # Only passed when on, so families without weighted captions keep their plain signature.
@@ -85,7 +96,10 @@ def diffusion_loss(
     Validation passes fixed `timesteps` ([B] long) and `noise` (like the latents) instead of sampling them."""
     latents = batch_latents(family, bundle, batch, device).to(device)
     with autocast or nullcontext():
-        cond = text_conditioning(family, bundle, batch["captions"], options)
+        cond = {
+            **text_conditioning(family, bundle, batch["captions"], options, device),
+            **family.batch_conditioning(bundle, batch, device),
+        }
         if noise is None:
             noise = sample_noise(latents, options.noise)
         if timesteps is None:

@@ -1,0 +1,107 @@
+"""Cache text-encoder outputs to disk ahead of training, with the same model and dataset flags as training.
+
+    python tools/cache_text_encoder_outputs.py [--sdxl] --pretrained_model_name_or_path MODEL \\
+        --dataset_config ds.toml [--clip_skip 2] [--max_token_length 225] [--weighted_captions]
+
+Writes kohya-named `<image>_te_outputs.npz` files next to the images (what
+`--cache_text_encoder_outputs_to_disk` then reuses), prints how many were encoded and how many valid files
+were reused, and exits. `--sdxl` picks the SDXL family (kohya's switch); the default is SD 1.x/2.x.
+Training-only flags (network, optimizer, output) are accepted and ignored, so a training command line or
+--config_file works unchanged. Exit codes as for training: 0 done, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _problems(config) -> list[str]:
+    """The checks of validate.py that matter here (no output folder or network is needed)."""
+    from library.errors import UserError
+    from library.validate import parse_resolution
+
+    problems = []
+    if not config.pretrained_model_name_or_path:
+        problems.append("--pretrained_model_name_or_path is required (its text encoders encode the captions)")
+    elif not Path(config.pretrained_model_name_or_path).exists():
+        problems.append(
+            f"--pretrained_model_name_or_path: model {config.pretrained_model_name_or_path} does not exist; "
+            "pass a local diffusers folder or .safetensors/.ckpt file"
+        )
+    if not (config.dataset_config or config.train_data_dir or config.in_json):
+        problems.append("no dataset: pass --dataset_config FILE.toml or --train_data_dir FOLDER")
+    if config.clip_skip is not None and config.clip_skip <= 0:
+        problems.append(f"--clip_skip must be positive, got {config.clip_skip}")
+    try:
+        parse_resolution(config.resolution)
+    except UserError as exc:
+        problems.extend(exc.problems)
+    return problems
+
+
+def cache_to_disk(argv: list[str], *, prog: str = "cache_text_encoder_outputs.py") -> str:
+    """Parse, scan, load the model, cache; returns the summary line. Raises UserError."""
+    import torch
+
+    from library.config import parse_config
+    from library.errors import UserError
+    from library.families import get_family
+    from library.training import run as R
+    from library.training.te_cache import cache_text_encoder_outputs_if_needed
+
+    family_name = "sdxl" if "--sdxl" in argv else "sd"
+    argv = [a for a in argv if a != "--sdxl"]
+    config = parse_config(argv, prog=prog, description=__doc__)
+    problems = _problems(config)
+    if problems:
+        raise UserError(*problems)
+    config = replace(config, cache_text_encoder_outputs=True, cache_text_encoder_outputs_to_disk=True)
+    family = get_family(family_name)
+    seed = R.pick_seed(config)
+    dataset, info = R.scan_dataset_and_model(config, family, seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # As in training: the text encoders run in the mixed-precision dtype (never halved on CPU).
+    dtype = R.weight_dtype_for(config.mixed_precision) if device.type == "cuda" else torch.float32
+    bundle = R.load_bundle(config, family, info, dtype)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    cache = cache_text_encoder_outputs_if_needed(
+        config,
+        family,
+        bundle,
+        dataset,
+        device,
+        dtype=dtype,
+        max_token_length=None if config.max_token_length in (None, 75) else config.max_token_length,
+        autocast=autocast,
+    )
+    return (
+        f"text-encoder outputs cached to disk: {cache.report.encoded} encoded, {cache.report.reused} reused"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from library.errors import UserError
+    from library.training.run import configure_logging
+
+    configure_logging()
+    try:
+        summary = cache_to_disk(sys.argv[1:] if argv is None else argv)
+    except UserError as exc:
+        for line in exc.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -80,12 +80,12 @@ def trainer_args(
     ]
 
 
-def run_trainer(args: list[str], times: Path) -> tuple[list[float], float]:
-    """Launch the real script; returns per-step end times (perf_counter) and the launch time."""
+def run_trainer(args: list[str], times: Path, script: str = "train_network.py") -> tuple[list[float], float]:
+    """Launch the real `script`; returns per-step end times (wall clock) and the launch time."""
     env = {**os.environ, "LORATRAIN_STEP_TIMES": str(times), "PYTHONPATH": str(ROOT)}
     launched = time.time()
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "train_network.py"), *args], env=env, capture_output=True, text=True
+        [sys.executable, str(ROOT / script), *args], env=env, capture_output=True, text=True
     )
     if proc.returncode != 0:
         raise SystemExit(f"trainer failed:\n{proc.stderr[-3000:]}")

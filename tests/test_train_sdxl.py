@@ -146,3 +146,33 @@ def test_sampling_writes_sdxl_images(tiny_sdxl_dir: Path, dataset: Path, tmp_pat
     assert run_sdxl(args) == 0
     (image,) = sorted((tmp_path / "out" / "sample").glob("*.png"))
     assert Image.open(image).size == (64, 96)
+
+
+def test_bf16_checkpointing_long_weighted_captions_train_every_part(
+    tiny_sdxl_dir: Path, dataset: Path, tmp_path
+):
+    import torch
+
+    args = db_args(
+        tiny_sdxl_dir, dataset, tmp_path / "out", "--max_train_steps", "2", "--learning_rate", "1e-2"
+    )
+    args += [
+        "--mixed_precision",
+        "bf16",
+        "--gradient_checkpointing",
+        "--no_half_vae",
+        "--save_precision",
+        "bf16",
+    ]
+    args += ["--max_token_length", "225", "--weighted_captions", "--optimizer_type", "AdamW8bit"]
+    assert run_sdxl(args) == 0
+    state = load_file(str(tmp_path / "out" / "feat.safetensors"))
+    ups = {k: v for k, v in state.items() if k.endswith("lora_up.weight")}
+    assert all(v.dtype == torch.bfloat16 and torch.isfinite(v).all() for v in ups.values())
+    # lora_up starts at zero: non-zero after two steps means gradients reached UNet and both text encoders
+    # text encoder 1's last layer feeds nothing SDXL reads (penultimate states, no pool), so its LoRA stays zero,
+    # as in kohya's files; text encoder 2's last layer feeds the pooled embedding.
+    unused = {k for k in ups if k.startswith("lora_te1_text_model_encoder_layers_2_")}
+    assert len(unused) == 6 and all(ups[k].abs().sum() == 0 for k in unused)
+    for prefix in ("lora_unet_", "lora_te1_", "lora_te2_"):
+        assert all(v.abs().sum() > 0 for k, v in ups.items() if k.startswith(prefix) and k not in unused), prefix

@@ -58,14 +58,16 @@ def text_encoder_cache_id(
     tokenizer_path: Path | None,
     tokenizer_cache_dir: Path | None,
     clip_skip: int | None,
+    tokenizer_2_path: Path | None = None,
     max_token_length: int | None,
     weighted: bool,
 ) -> str:
     """Names everything cached text-encoder outputs depend on: the text encoders' and tokenizers' files (name,
     size, mtime: cheap, and changed by any replacement) and the encoding options."""
     stamps = _stamps(model, ("text_encoder", "tokenizer"))
-    if tokenizer_path is not None:
-        stamps += _stamps(tokenizer_path, ("tokenizer",))
+    for folder in (tokenizer_path, tokenizer_2_path):
+        if folder is not None:
+            stamps += _stamps(folder, ("tokenizer",))
     digest = hashlib.sha256(repr((stamps, str(tokenizer_cache_dir))).encode()).hexdigest()[:12]
     return (
         f"{family_name}:{model.name}:{digest}:clip_skip={clip_skip or 1}:"
@@ -78,6 +80,7 @@ def cache_id_for(config: TrainConfig, family: ModelFamily, max_token_length: int
         family.name,
         Path(config.pretrained_model_name_or_path),
         tokenizer_path=Path(config.tokenizer_path) if config.tokenizer_path else None,
+        tokenizer_2_path=Path(config.tokenizer_2_path) if config.tokenizer_2_path else None,
         tokenizer_cache_dir=Path(config.tokenizer_cache_dir) if config.tokenizer_cache_dir else None,
         clip_skip=config.clip_skip,
         max_token_length=max_token_length,

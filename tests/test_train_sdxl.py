@@ -175,4 +175,6 @@ def test_bf16_checkpointing_long_weighted_captions_train_every_part(
     unused = {k for k in ups if k.startswith("lora_te1_text_model_encoder_layers_2_")}
     assert len(unused) == 6 and all(ups[k].abs().sum() == 0 for k in unused)
     for prefix in ("lora_unet_", "lora_te1_", "lora_te2_"):
-        assert all(v.abs().sum() > 0 for k, v in ups.items() if k.startswith(prefix) and k not in unused), prefix
+        assert all(v.abs().sum() > 0 for k, v in ups.items() if k.startswith(prefix) and k not in unused), (
+            prefix
+        )

@@ -19,6 +19,7 @@ PENDING: dict[str, Any] = {
     "cpu_offload_checkpointing": False,
     "fused_backward_pass": False,
     "blocks_to_swap": None,
+    "disable_mmap_load_safetensors": False,  # sdxl_train_network.py
     # optimizer and schedule
     # network
     "dim_from_weights": False,

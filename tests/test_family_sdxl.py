@@ -158,3 +158,48 @@ def test_time_ids_follow_the_batch_geometry(bundle):
     assert pred.shape == (2, 4, 8, 8)
     assert torch.equal(pred[1], pred_same[1])  # per-sample conditioning
     assert (pred[0] - pred_same[0]).abs().max() > 1e-4  # sizes change the prediction
+
+
+def test_real_sized_checkpoint_layout_infers_the_real_configs():
+    """Stability-layout key names and shapes of the real SDXL (built on the meta device) give back its configs."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from library.families import sd_checkpoint as ckpt
+    from library.families import sdxl_checkpoint as xl
+    from library.families.tiny_sdxl import REAL_UNET_CONFIG
+
+    big_g = {
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 20,
+    }
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**REAL_UNET_CONFIG)
+        te1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**big_g, projection_dim=1280, hidden_act="gelu"))
+    state = {xl.UNET_PREFIX + k: v for k, v in ckpt.unet_to_ldm(unet.state_dict(), 2).items()}
+    state.update(ckpt.clip_to_ldm(te1.state_dict(), xl.TE1_PREFIX))
+    state.update(ckpt.open_clip_to_ldm(te2.state_dict(), xl.TE2_PREFIX, sd2_extra_block=False))
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    assert shapes[xl.UNET_PREFIX + "label_emb.0.0.weight"] == (1280, 2816)
+    assert shapes[xl.TE2_PREFIX + "transformer.resblocks.31.attn.in_proj_weight"] == (3840, 1280)
+    assert xl.is_sdxl(shapes)
+
+    config = xl.unet_config_from_shapes(shapes)
+    for key, value in REAL_UNET_CONFIG.items():
+        assert list(config[key]) == list(value) if isinstance(value, list) else config[key] == value, key
+    te1_config, te2_config = xl.text_encoder_configs(shapes)
+    assert (te1_config["hidden_size"], te1_config["num_hidden_layers"], te1_config["hidden_act"]) == (
+        768,
+        12,
+        "quick_gelu",
+    )
+    assert (te2_config["hidden_size"], te2_config["num_hidden_layers"], te2_config["projection_dim"]) == (
+        1280,
+        32,
+        1280,
+    )
+    assert (te2_config["num_attention_heads"], te2_config["intermediate_size"]) == (20, 5120)

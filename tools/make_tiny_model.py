@@ -1,6 +1,6 @@
-"""Write a tiny random SD 1.x/2.x model for the quickstart, tests and benchmarks (no downloads).
+"""Write a tiny random SD 1.x/2.x or SDXL model for the quickstart, tests and benchmarks (no downloads).
 
-python tools/make_tiny_model.py --out models/tiny-sd1 [--version sd1|sd2] [--format diffusers|single_file|both]
+python tools/make_tiny_model.py --out models/tiny-sd1 [--version sd1|sd2|sdxl] [--format diffusers|single_file|both]
 """
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from library.families.tiny import write_tiny_model  # noqa: E402
+from library.families.tiny_sdxl import write_tiny_sdxl  # noqa: E402
 
 EPILOG = """where files go (OUT = --out):
   diffusers    OUT/ (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)
   single_file  OUT.safetensors (or OUT itself if it ends in .safetensors/.ckpt) and OUT_tokenizer/;
                pass that folder as --tokenizer_path, since single files carry no tokenizer
   both         all of the above, same weights; the tokenizer is OUT/tokenizer/
+SDXL adds text_encoder_2/ and tokenizer_2/ (single file: OUT_tokenizer_2/, pass as --tokenizer_2_path); its
+single file is in Stability's layout. Train it with sdxl_train_network.py.
 """
 
 
@@ -29,16 +32,22 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", required=True, type=Path, help="output path without extension (see below)")
-    parser.add_argument("--version", default="sd1", choices=["sd1", "sd2"])
+    parser.add_argument("--version", default="sd1", choices=["sd1", "sd2", "sdxl"])
     parser.add_argument("--format", default="diffusers", choices=["diffusers", "single_file", "both"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    files = write_tiny_model(args.out, version=args.version, fmt=args.format, seed=args.seed)
+    if args.version == "sdxl":
+        files = write_tiny_sdxl(args.out, fmt=args.format, seed=args.seed)
+    else:
+        files = write_tiny_model(args.out, version=args.version, fmt=args.format, seed=args.seed)
     if files.diffusers_dir is not None:
         print(f"diffusers folder: {files.diffusers_dir}")
     if files.single_file is not None:
         print(f"single file:      {files.single_file.checkpoint}")
         print(f"tokenizer:        {files.single_file.tokenizer_dir}  (pass as --tokenizer_path)")
+        if args.version == "sdxl":
+            second = files.single_file.tokenizer_dir.with_name(files.single_file.tokenizer_dir.name + "_2")
+            print(f"tokenizer 2:      {second}  (pass as --tokenizer_2_path)")
     return 0
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from library.config import TrainConfig
+from library.config.flow import MODE_SCALE_MAX, MODEL_PREDICTION_TYPES, TIMESTEP_SAMPLINGS, WEIGHTING_SCHEMES
 from library.errors import UserError
 
 MODEL_EXTENSIONS = {"safetensors": ".safetensors", "ckpt": ".ckpt", "pt": ".pt"}
@@ -103,6 +104,27 @@ def _check_loss_noise(config: TrainConfig, problems: list[str]) -> None:
         value = getattr(config, name)
         if value is not None and value < 0:
             problems.append(f"--{name} must not be negative, got {value}")
+
+
+def _check_flow(config: TrainConfig, problems: list[str]) -> None:
+    """FLUX flow-matching options: kohya's choices, plus ranges where its formulas break down."""
+    for name, allowed in (
+        ("timestep_sampling", TIMESTEP_SAMPLINGS),
+        ("weighting_scheme", WEIGHTING_SCHEMES),
+        ("model_prediction_type", MODEL_PREDICTION_TYPES),
+    ):
+        if getattr(config, name) not in allowed:
+            problems.append(f"--{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
+    for name in ("sigmoid_scale", "discrete_flow_shift", "logit_std"):
+        if getattr(config, name) <= 0:
+            problems.append(f"--{name} must be positive, got {getattr(config, name)}")
+    if config.guidance_scale < 0:
+        problems.append(f"--guidance_scale must not be negative, got {config.guidance_scale}")
+    # Outside [-1, 2/(pi-2)] the mode density is no longer monotone and leaves [0, 1] (SD3 paper, section 3.1).
+    if not -1 <= config.mode_scale <= MODE_SCALE_MAX:
+        problems.append(
+            f"--mode_scale must be in [-1, {MODE_SCALE_MAX:.4f}] (1.29 is usual), got {config.mode_scale}"
+        )
 
 
 def _check_network(config: TrainConfig, problems: list[str]) -> None:
@@ -326,7 +348,6 @@ def validate(config: TrainConfig) -> list[str]:
         problems.append(
             "--network_train_unet_only and --network_train_text_encoder_only exclude each other; pick one"
         )
-    _check_text_cache(config, problems)
     lo = 0 if config.min_timestep is None else config.min_timestep
     hi = 1000 if config.max_timestep is None else config.max_timestep
     if not 0 <= lo < hi <= 1000:
@@ -340,24 +361,9 @@ def validate(config: TrainConfig) -> list[str]:
             "--xformers: the xformers package is not installed; pip install xformers, or use --sdpa"
         )
     _check_loss_noise(config, problems)
+    _check_flow(config, problems)
     _check_existing_outputs(config, problems)
     return problems
-
-
-def _check_text_cache(config: TrainConfig, problems: list[str]) -> None:
-    """--cache_text_encoder_outputs(_to_disk); the per-subset caption rules are checked with the dataset."""
-    if not (config.cache_text_encoder_outputs or config.cache_text_encoder_outputs_to_disk):
-        return
-    flag = (
-        "--cache_text_encoder_outputs_to_disk"
-        if config.cache_text_encoder_outputs_to_disk
-        else "--cache_text_encoder_outputs"
-    )
-    if not config.network_train_unet_only:
-        problems.append(
-            f"{flag} needs --network_train_unet_only: a text-encoder LoRA changes the text encoder's outputs "
-            "at every step, so they cannot be cached; add --network_train_unet_only or remove " + flag
-        )
 
 
 def _check_optim(config: TrainConfig, problems: list[str]) -> None:

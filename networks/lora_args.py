@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from library.errors import UserError, did_you_mean
+from networks.flux_args import FLUX_NETWORK_ARGS, FLUX_RULES, family_arg_problems
 
 NETWORK_ARGS: dict[str, str] = {
     "conv_dim": "int: LoCon rank for 3x3 convs in ResnetBlock2D/Downsample2D/Upsample2D (unset = no conv LoRA)",
@@ -19,6 +21,7 @@ NETWORK_ARGS: dict[str, str] = {
     "loraplus_lr_ratio": "float: LoRA+ ratio, lora_up lr = lr x ratio (UNet and text encoders)",
     "loraplus_unet_lr_ratio": "float: LoRA+ ratio for the UNet only (overrides loraplus_lr_ratio)",
     "loraplus_text_encoder_lr_ratio": "float: LoRA+ ratio for the text encoders only (overrides loraplus_lr_ratio)",
+    **FLUX_NETWORK_ARGS,
 }
 
 # kohya lora.py options this suite does not implement yet: say so instead of suggesting a near name.
@@ -32,6 +35,10 @@ UNSUPPORTED_KOHYA_ARGS: frozenset[str] = frozenset(
         "mid_lr_weight",
         "up_lr_weight",
         "block_lr_zero_threshold",
+        "network_reg_dims",
+        "network_reg_lrs",
+        "ggpo_sigma",
+        "ggpo_beta",
     }
 )
 
@@ -46,6 +53,26 @@ class LoRAOptions:
     loraplus_lr_ratio: float | None = None
     loraplus_unet_lr_ratio: float | None = None
     loraplus_text_encoder_lr_ratio: float | None = None
+    # FLUX.1 (networks.flux_args); None = not given
+    train_blocks: str | None = None
+    img_attn_dim: int | None = None
+    txt_attn_dim: int | None = None
+    img_mlp_dim: int | None = None
+    txt_mlp_dim: int | None = None
+    img_mod_dim: int | None = None
+    txt_mod_dim: int | None = None
+    single_dim: int | None = None
+    single_mod_dim: int | None = None
+    in_dims: tuple[int, ...] | None = None
+    train_double_block_indices: frozenset[int] | None = None
+    train_single_block_indices: frozenset[int] | None = None
+    train_t5xxl: bool | None = None
+    split_qkv: bool | None = None
+    verbose: bool | None = None
+
+    def given(self) -> dict[str, object]:
+        """The options that were set (not None)."""
+        return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
 def _to_int(value: object) -> int:
@@ -61,7 +88,7 @@ def _to_float(value: object) -> float:
 
 
 # name -> (converter, check on the converted value, what the check demands)
-_RULES: dict[str, tuple[Callable[[object], float | int], Callable[[float], bool], str]] = {
+_RULES: dict[str, tuple[Callable[[object], object], Callable[[Any], bool], str]] = {
     "conv_dim": (_to_int, lambda v: v >= 0, "an integer >= 0"),
     "conv_alpha": (_to_float, lambda v: v >= 0, "a number >= 0"),
     "dropout": (_to_float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -70,24 +97,30 @@ _RULES: dict[str, tuple[Callable[[object], float | int], Callable[[float], bool]
     "loraplus_lr_ratio": (_to_float, lambda v: v > 0, "a number > 0"),
     "loraplus_unet_lr_ratio": (_to_float, lambda v: v > 0, "a number > 0"),
     "loraplus_text_encoder_lr_ratio": (_to_float, lambda v: v > 0, "a number > 0"),
+    **FLUX_RULES,
 }
+
+
+def _accepted() -> str:
+    common = [n for n in NETWORK_ARGS if n not in FLUX_NETWORK_ARGS]
+    return f"{', '.join(common)}; FLUX.1 also: {', '.join(FLUX_NETWORK_ARGS)}"
 
 
 def _name_problem(name: str) -> str:
     if name in UNSUPPORTED_KOHYA_ARGS:
         return (
             f"--network_args {name}: a kohya lora.py option this suite does not support yet; remove it "
-            f"(accepted: {', '.join(NETWORK_ARGS)})"
+            f"(accepted: {_accepted()})"
         )
     return (
         f"--network_args {name}: unknown for networks.lora{did_you_mean(name, set(NETWORK_ARGS))}; "
-        f"accepted: {', '.join(NETWORK_ARGS)}"
+        f"accepted: {_accepted()}"
     )
 
 
 def options_with_problems(kwargs: Mapping[str, object]) -> tuple[LoRAOptions, list[str]]:
     """Convert network_args (strings, or values a trainer injected) to options; never raises."""
-    values: dict[str, float | int | None] = {}
+    values: dict[str, object] = {}
     problems: list[str] = []
     for name, raw in kwargs.items():
         if name not in _RULES:
@@ -133,3 +166,11 @@ def parse_network_args(args: Iterable[str] | None) -> dict[str, str]:
     if problems:
         raise UserError(*problems)
     return parsed
+
+
+def family_problems(args: Iterable[str] | None, family: str) -> list[str]:
+    """--network_args that do not apply to the model family ("sd", "sdxl", "flux"); checked before loading.
+
+    Malformed args are left to `parse_network_args` (already reported by then)."""
+    names = [item.partition("=")[0].strip() for item in args or [] if "=" in item]
+    return family_arg_problems(dict.fromkeys(names), family)

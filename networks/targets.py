@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
@@ -22,6 +22,9 @@ Component = Literal["unet", "text_encoder"]
 TargetKind = Literal["linear", "conv1x1", "conv"]
 # (component root, dotted module path inside it) -> dotted path as the LoRA file format spells it.
 Rename = Callable[[nn.Module, str], str]
+# component root -> [(module path as the file spells it, (model module paths it stands for, in row order))];
+# several model paths = one fused module in the file (FLUX's qkv), trained as one LoRA.
+Groups = Callable[[nn.Module], list[tuple[str, tuple[str, ...]]]]
 
 
 def keep_path(root: nn.Module, path: str) -> str:
@@ -63,6 +66,7 @@ class TargetRow:
     classes: tuple[str, ...]  # their Linear / 1x1 Conv2d descendants are targets
     conv_classes: tuple[str, ...] = ()  # added with LoCon (conv_dim): 3x3 convs + their Linear/1x1 children
     rename: Rename = keep_path
+    groups: Groups | None = None  # when set, the targets are these groups instead of `classes`' children
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,8 @@ class TargetTable:
     num_text_encoders: int
     rows: tuple[TargetRow, ...]
     accepts: Callable[[nn.Module], bool] = lambda unet: True  # tells apart families sharing a denoiser class
+    # (target, LoRAOptions) -> rank: None = the base rank, 0 = no module; None here = base rank for all
+    rank_rule: Callable[[Target, Any], int | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,8 @@ class Target:
     kind: TargetKind
     path: str = ""  # dotted module path inside its component, before any rename (diffusers' name)
     prefix: str = ""  # the row's prefix, e.g. "lora_unet"
+    parts: tuple[nn.Module, ...] = ()  # a group's Linears (one fused module in the file), else empty
+    part_paths: tuple[str, ...] = ()  # their paths inside the component
 
 
 _CLIP_TE_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
@@ -144,8 +152,46 @@ SDXL_TABLE = TargetTable(
     ),
 )
 
+
+def _flux_groups(root: nn.Module) -> list[tuple[str, tuple[str, ...]]]:
+    from networks.flux_targets import transformer_groups
+
+    return transformer_groups(root)
+
+
+def _flux_rank(target: Target, options: Any) -> int | None:
+    from networks.flux_targets import flux_rank
+
+    return flux_rank(target, options)
+
+
+# kohya's networks.lora_flux: BFL names for the transformer (qkv / linear1 fused), lora_te1_ (CLIP-L),
+# lora_te3_ (T5-XXL, only with train_t5xxl); which modules get which rank is `flux_targets.flux_rank`.
+FLUX_TABLE = TargetTable(
+    name="flux",
+    unet_classes=("FluxTransformer2DModel",),
+    num_text_encoders=2,
+    rank_rule=_flux_rank,
+    rows=(
+        TargetRow(prefix="lora_unet", component="unet", te_index=0, classes=(), groups=_flux_groups),
+        TargetRow(
+            prefix="lora_te1",
+            component="text_encoder",
+            te_index=0,
+            classes=_CLIP_TE_CLASSES,
+            rename=clip_text_path,
+        ),
+        TargetRow(
+            prefix="lora_te3",
+            component="text_encoder",
+            te_index=1,
+            classes=("T5Attention", "T5DenseGatedActDense"),
+        ),
+    ),
+)
+
 # A table applies when it accepts the denoiser (class and config) and the text-encoder count fits.
-TABLES: tuple[TargetTable, ...] = (SD_TABLE, SDXL_TABLE)
+TABLES: tuple[TargetTable, ...] = (SD_TABLE, SDXL_TABLE, FLUX_TABLE)
 
 
 def select_table(unet: nn.Module | None, text_encoders: Sequence[nn.Module]) -> TargetTable:
@@ -199,6 +245,24 @@ def find_targets(
         else:
             root = text_encoders[row.te_index] if row.te_index < len(text_encoders) else None
         if root is None:
+            continue
+        if row.groups is not None:
+            for file_path, paths in row.groups(root):
+                parts = tuple(root.get_submodule(p) for p in paths)
+                name = kohya_name(row.prefix, file_path)
+                targets.append(
+                    Target(
+                        name,
+                        parts[0],
+                        row.component,
+                        row.te_index,
+                        "linear",
+                        paths[0],
+                        row.prefix,
+                        parts,
+                        paths,
+                    )
+                )
             continue
         classes = set(row.classes) | (set(row.conv_classes) if include_conv_classes else set())
         for parent_path, parent in root.named_modules():

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random SD 1.x / 2.x / SDXL models, written once per test session.
+"""Shared fixtures: tiny random SD 1.x / 2.x / SDXL / FLUX.1 models, written once per test session.
 
 Each version is written in both layouts from the same weights, so `tiny_sdX_dir` (diffusers folder) and
 `tiny_sdX_single_file` (LDM .safetensors + tokenizer folder) hold identical models. Treat them as
@@ -79,6 +79,25 @@ def tiny_sdxl_single_file(tiny_sdxl_files: TinyModelFiles) -> TinySingleFile:
     """Stability-layout .safetensors with the same weights; tokenizers: tokenizer_dir and its sibling _2."""
     assert tiny_sdxl_files.single_file is not None
     return tiny_sdxl_files.single_file
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory: pytest.TempPathFactory):
+    """Tiny FLUX.1 dev as kohya's separate files (BFL transformer, ae, clip_l, t5xxl_fp16 + tokenizer folders)
+    and as a diffusers folder (`.diffusers_dir`), same weights."""
+    from library.families.tiny_flux import write_tiny_flux
+
+    return write_tiny_flux(tmp_path_factory.mktemp("tiny_flux") / "dev", fmt="both", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell(tmp_path_factory: pytest.TempPathFactory):
+    """Tiny FLUX.1 schnell (no guidance embedder) as separate files, transformer keys under model.diffusion_model."""
+    from library.families.tiny_flux import write_tiny_flux
+
+    return write_tiny_flux(
+        tmp_path_factory.mktemp("tiny_flux") / "schnell", schnell=True, prefixed=True, seed=1
+    )
 
 
 @pytest.fixture

@@ -51,7 +51,7 @@ def test_malformed_lines_name_file_and_line(tmp_path: Path) -> None:
         load_sample_prompts(path)
     assert info.value.problems == [
         f"{path}:3: --w must be an integer, got 'wide'",
-        f"{path}:4: unknown option --q; options: --n --w --h --s --l --d --ss",
+        f"{path}:4: unknown option --q; options: --n --w --h --s --l --d --ss --g",
         f"{path}:4: --d needs a value",
     ]
 
@@ -106,9 +106,8 @@ def test_other_families_options_are_ignored_with_a_warning(
     path = write(tmp_path, "p.txt", "a fox --g 3.5 --W 64 --H 64 --fs 3\n")
     with caplog.at_level("WARNING", logger="loratrain"):
         (p,) = load_sample_prompts(path)
-    assert (p.prompt, p.width, p.height) == ("a fox", 64, 64)
+    assert (p.prompt, p.width, p.height, p.guidance) == ("a fox", 64, 64, 3.5)  # --g: FLUX dev's guidance
     assert [r.getMessage() for r in caplog.records] == [
-        f"{path}:1: --g (FLUX guidance) has no effect for this model; ignored",
         f"{path}:1: --fs (flow shift) has no effect for this model; ignored",
     ]
 

@@ -69,6 +69,23 @@ def run_sdxl(argv: list[str]) -> int:
     return main(argv, prog="sdxl_train_network.py", family="sdxl", description="test")
 
 
+def run_flux(argv: list[str]) -> int:
+    return main(argv, prog="flux_train_network.py", family="flux", description="test")
+
+
+def flux_files_args(files, *, folder: bool = False) -> list[str]:
+    """--clip_l/--t5xxl/--ae and both tokenizer folders of a tiny FLUX (none of the files with `folder`)."""
+    args = [
+        "--tokenizer_path",
+        str(files.clip_tokenizer_dir),
+        "--tokenizer_2_path",
+        str(files.t5_tokenizer_dir),
+    ]
+    if not folder:
+        args += ["--clip_l", str(files.clip_l), "--t5xxl", str(files.t5xxl), "--ae", str(files.ae)]
+    return args
+
+
 def metadata(path: Path) -> dict[str, str]:
     with safe_open(str(path), "pt") as f:
         return dict(f.metadata())

@@ -1,10 +1,12 @@
 """Cache latents to disk ahead of training, with the same model and dataset flags as train_network.py.
 
-    python tools/cache_latents.py --pretrained_model_name_or_path MODEL --dataset_config ds.toml \\
-        [--vae VAE] [--vae_batch_size 8] [--skip_cache_check]
+    python tools/cache_latents.py [--sdxl | --flux] --pretrained_model_name_or_path MODEL \\
+        --dataset_config ds.toml [--vae VAE] [--vae_batch_size 8] [--skip_cache_check]
 
-Writes kohya-named `<image>_<W>x<H>_sd.npz` files next to the images (what `--cache_latents_to_disk` then
-reuses), prints how many images were encoded and how many valid cache files were reused, and exits.
+Writes kohya-named `<image>_<W>x<H>_sd.npz` files next to the images (`_sdxl.npz` with `--sdxl`, `_flux.npz`
+with `--flux`, kohya's switches; FLUX also takes its `--clip_l`, `--t5xxl`, `--ae` files), which
+`--cache_latents_to_disk` then reuses; prints how many images were encoded and how many valid cache files
+were reused, and exits.
 Training-only flags (network, optimizer, output) are accepted and ignored, so a training command line or
 --config_file works unchanged. Exit codes as for training: 0 done, 2 bad input.
 """
@@ -52,7 +54,9 @@ def cache_to_disk(argv: list[str], *, family_name: str = "sd", prog: str = "cach
     from library.errors import UserError
     from library.families import get_family
     from library.training import run as R
+    from tools.family_switch import pop_family_switch
 
+    family_name, argv = pop_family_switch(argv, family_name)
     config = parse_config(argv, prog=prog, description=__doc__)
     problems = _problems(config)
     if problems:

@@ -1,11 +1,12 @@
 """Cache text-encoder outputs to disk ahead of training, with the same model and dataset flags as training.
 
-    python tools/cache_text_encoder_outputs.py [--sdxl] --pretrained_model_name_or_path MODEL \\
+    python tools/cache_text_encoder_outputs.py [--sdxl | --flux] --pretrained_model_name_or_path MODEL \\
         --dataset_config ds.toml [--clip_skip 2] [--max_token_length 225] [--weighted_captions]
 
 Writes kohya-named `<image>_te_outputs.npz` files next to the images (what
 `--cache_text_encoder_outputs_to_disk` then reuses), prints how many were encoded and how many valid files
-were reused, and exits. `--sdxl` picks the SDXL family (kohya's switch); the default is SD 1.x/2.x.
+were reused, and exits. `--sdxl` / `--flux` pick the SDXL / FLUX family (kohya's switches; FLUX also takes
+its `--clip_l`, `--t5xxl`, `--ae` files); the default is SD 1.x/2.x.
 Training-only flags (network, optimizer, output) are accepted and ignored, so a training command line or
 --config_file works unchanged. Exit codes as for training: 0 done, 2 bad input.
 """
@@ -54,9 +55,9 @@ def cache_to_disk(argv: list[str], *, prog: str = "cache_text_encoder_outputs.py
     from library.families import get_family
     from library.training import run as R
     from library.training.te_cache import cache_text_encoder_outputs_if_needed
+    from tools.family_switch import pop_family_switch
 
-    family_name = "sdxl" if "--sdxl" in argv else "sd"
-    argv = [a for a in argv if a != "--sdxl"]
+    family_name, argv = pop_family_switch(argv)
     config = parse_config(argv, prog=prog, description=__doc__)
     problems = _problems(config)
     if problems:

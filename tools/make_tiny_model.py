@@ -13,6 +13,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from library.families.tiny import write_tiny_model  # noqa: E402
+from library.families.tiny_flux import write_tiny_flux  # noqa: E402
 from library.families.tiny_sdxl import write_tiny_sdxl  # noqa: E402
 
 EPILOG = """where files go (OUT = --out):
@@ -22,6 +23,8 @@ EPILOG = """where files go (OUT = --out):
   both         all of the above, same weights; the tokenizer is OUT/tokenizer/
 SDXL adds text_encoder_2/ and tokenizer_2/ (single file: OUT_tokenizer_2/, pass as --tokenizer_2_path); its
 single file is in Stability's layout. Train it with sdxl_train_network.py.
+FLUX (flux-dev / flux-schnell): single_file writes OUT/flux1-tiny.safetensors (BFL layout), ae, clip_l and
+t5xxl_fp16 .safetensors plus OUT/clip_tokenizer and OUT/t5_tokenizer; diffusers writes OUT/diffusers/.
 """
 
 
@@ -32,10 +35,28 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", required=True, type=Path, help="output path without extension (see below)")
-    parser.add_argument("--version", default="sd1", choices=["sd1", "sd2", "sdxl"])
+    parser.add_argument(
+        "--version", default="sd1", choices=["sd1", "sd2", "sdxl", "flux-dev", "flux-schnell"]
+    )
     parser.add_argument("--format", default="diffusers", choices=["diffusers", "single_file", "both"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.version.startswith("flux"):
+        fmt = {"single_file": "single_files"}.get(args.format, args.format)
+        flux = write_tiny_flux(args.out, fmt=fmt, seed=args.seed, schnell=args.version == "flux-schnell")
+        for name in (
+            "diffusers_dir",
+            "transformer",
+            "clip_l",
+            "t5xxl",
+            "ae",
+            "clip_tokenizer_dir",
+            "t5_tokenizer_dir",
+        ):
+            if getattr(flux, name) is not None:
+                print(f"{name + ':':<19}{getattr(flux, name)}")
+        print("train with flux_train_network.py (--clip_l/--t5xxl/--ae, --tokenizer_path/--tokenizer_2_path)")
+        return 0
     if args.version == "sdxl":
         files = write_tiny_sdxl(args.out, fmt=args.format, seed=args.seed)
     else:

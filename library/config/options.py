@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from library.config.flow import FlowMatchingOptions
 from library.config.loss import LossNoiseOptions
 
 GROUPS = {
@@ -19,6 +20,7 @@ GROUPS = {
     "logging": "Logging",
     "sampling": "Sample images and validation loss during training",
     "loss": "Loss, noise and timesteps",
+    "flux": "FLUX.1 flow matching (flux_train_network.py)",
     "config": "Config files",
 }
 
@@ -37,7 +39,7 @@ def default_of(f: dataclasses.Field) -> Any:
 
 
 @dataclass
-class TrainConfig(LossNoiseOptions):
+class TrainConfig(LossNoiseOptions, FlowMatchingOptions):
     # --- model
     pretrained_model_name_or_path: str | None = flag(
         None, "model", "base model: a diffusers folder or a single .safetensors/.ckpt checkpoint (required)"
@@ -56,7 +58,19 @@ class TrainConfig(LossNoiseOptions):
         "(CLIP-L) tokenizer",
     )
     tokenizer_2_path: str | None = flag(
-        None, "model", "SDXL: folder with the second (OpenCLIP bigG) tokenizer, for single-file checkpoints"
+        None,
+        "model",
+        "second tokenizer for single files: SDXL's OpenCLIP bigG (vocab.json, merges.txt) or FLUX's T5 "
+        "(tokenizer.json / spiece.model)",
+    )
+    clip_l: str | None = flag(None, "flux", "FLUX: CLIP-L text encoder file (clip_l.safetensors)")
+    t5xxl: str | None = flag(None, "flux", "FLUX: T5-XXL encoder file (t5xxl_fp16.safetensors)")
+    ae: str | None = flag(None, "flux", "FLUX: autoencoder file (ae.safetensors)")
+    t5xxl_max_token_length: int | None = flag(
+        None, "flux", "FLUX: T5 tokens per caption (default 512 for dev, 256 for schnell)"
+    )
+    apply_t5_attn_mask: bool = flag(
+        False, "flux", "FLUX: mask T5 padding in the text encoder and in the transformer's attention"
     )
     tokenizer_cache_dir: str | None = flag(
         None, "model", "kohya-style local tokenizer cache (<dir>/openai_clip-vit-large-patch14, ...)"

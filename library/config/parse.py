@@ -275,6 +275,9 @@ def loggable_options(config: TrainConfig) -> dict[str, Any]:
         "sample_prompts",
         "tokenizer_path",
         "tokenizer_2_path",
+        "clip_l",
+        "t5xxl",
+        "ae",
     }
     return {
         name: getattr(config, name)

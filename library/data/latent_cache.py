@@ -2,7 +2,9 @@
 
 The encoder is a plain callable (pixels in [-1, 1] -> unscaled latents), so this module knows no model
 family; the cache id names the encoder (`encoder_cache_id`) so a cache from another VAE is not reused.
-Disk caches record what they depend on (see latent_npz.py) and are rebuilt when any of it changes.
+Disk caches record what they depend on (see latent_npz.py) and are rebuilt when any of it changes. The
+caller names the family's file suffix (`_sd`, `_sdxl`, `_flux`) and whether its files hold several
+resolutions (kohya's FLUX files: keys end with the latent size, see latent_npz.py).
 
 Random pixel augmentations (random_crop, color_aug, face_crop_aug_range) cannot be cached: one frozen
 sample would replace the augmentation. `cache_problems` reports them before any weights load.
@@ -24,6 +26,7 @@ from library.data.latent_npz import (
     LatentDeps,
     file_stamp,
     is_valid_npz,
+    key_suffix,
     latent_hw,
     latents_npz_path,
     write_npz,
@@ -96,6 +99,7 @@ class _Job:
     mask_source: str | None
     mask_path: Path | None
     npz: Path | None
+    multi_resolution: bool = False  # npz keys carry the latent size; other resolutions share the file
 
     @property
     def first(self) -> ImageItem:
@@ -123,7 +127,9 @@ def _mask_source(item: ImageItem, subset: SubsetSpec) -> str | None:
     return "alpha" if subset.alpha_mask else None
 
 
-def _collect_jobs(group: DatasetGroup, to_disk: bool, file_suffix: str) -> list[_Job]:
+def _collect_jobs(
+    group: DatasetGroup, to_disk: bool, file_suffix: str, multi_resolution: bool = False
+) -> list[_Job]:
     jobs: dict[tuple[Path, tuple[int, int], str | None], _Job] = {}
     problems: list[str] = []
     for ds, item in _cacheable_items(group):
@@ -136,7 +142,7 @@ def _collect_jobs(group: DatasetGroup, to_disk: bool, file_suffix: str) -> list[
         job = jobs.get(key)
         if job is None:
             npz = latents_npz_path(item.path, item.original_size, file_suffix) if to_disk else None
-            jobs[key] = _Job([item], key[2], subset.flip_aug, mask, item.mask_path, npz)
+            jobs[key] = _Job([item], key[2], subset.flip_aug, mask, item.mask_path, npz, multi_resolution)
             continue
         job.items.append(item)
         job.need_flipped |= subset.flip_aug
@@ -145,22 +151,38 @@ def _collect_jobs(group: DatasetGroup, to_disk: bool, file_suffix: str) -> list[
         elif mask is not None and mask != job.mask_source:
             problems.append(f"{item.path} has two different masks (alpha_mask and a mask file); use one")
     if to_disk:
-        per_file: dict[Path, list[_Job]] = {}
-        for job in jobs.values():
-            per_file.setdefault(job.npz, []).append(job)
-        for npz, shared in per_file.items():
-            if len(shared) > 1:
-                settings = ", ".join(
-                    f"{j.first.bucket[0]}x{j.first.bucket[1]} {j.interpolation or 'auto'}" for j in shared
-                )
-                problems.append(
-                    f"{shared[0].first.path} is used at {len(shared)} bucket sizes or resize_interpolation "
-                    f"values ({settings}) but its disk cache file {npz.name} holds one; cache latents in RAM or "
-                    "use one resolution and interpolation for this folder"
-                )
+        problems += _shared_file_problems(list(jobs.values()), group.latent_downscale, multi_resolution)
     if problems:
         raise UserError(*problems)
     return list(jobs.values())
+
+
+def _shared_file_problems(jobs: list[_Job], downscale: int, multi_resolution: bool) -> list[str]:
+    """A disk file holds one latent per image, or one per latent size in multi-resolution files."""
+    per_slot: dict[tuple[Path, str], list[_Job]] = {}
+    for job in jobs:
+        slot = key_suffix(job.first.bucket, downscale, multi_resolution)
+        per_slot.setdefault((job.npz, slot), []).append(job)
+    problems = []
+    for (npz, _), shared in per_slot.items():
+        if len(shared) < 2:
+            continue
+        settings = ", ".join(
+            f"{j.first.bucket[0]}x{j.first.bucket[1]} {j.interpolation or 'auto'}" for j in shared
+        )
+        if multi_resolution:
+            problems.append(
+                f"{shared[0].first.path} is used with {len(shared)} resize_interpolation values at one bucket "
+                f"size ({settings}) but its disk cache file {npz.name} holds one latent per size; cache latents "
+                "in RAM or use one interpolation for this folder"
+            )
+        else:
+            problems.append(
+                f"{shared[0].first.path} is used at {len(shared)} bucket sizes or resize_interpolation "
+                f"values ({settings}) but its disk cache file {npz.name} holds one; cache latents in RAM or "
+                "use one resolution and interpolation for this folder"
+            )
+    return problems
 
 
 def _cacheable_items(group: DatasetGroup) -> Iterable[tuple[BuiltDataset, ImageItem]]:
@@ -183,19 +205,28 @@ def _disk_reusable(job: _Job, cache_id: str, downscale: int, skip_check: bool) -
     except OSError:  # the image vanished after the scan: encoding will report it
         return False
     return is_valid_npz(
-        job.npz, deps, downscale=downscale, need_flipped=job.need_flipped, skip_check=skip_check
+        job.npz,
+        deps,
+        downscale=downscale,
+        need_flipped=job.need_flipped,
+        skip_check=skip_check,
+        multi_resolution=job.multi_resolution,
     )
 
 
 def check_latent_cache(
-    group: DatasetGroup, cache_id: str, file_suffix: str = "_sd", skip_check: bool = False
+    group: DatasetGroup,
+    cache_id: str,
+    file_suffix: str = "_sd",
+    skip_check: bool = False,
+    multi_resolution: bool = False,
 ) -> tuple[int, int]:
     """(hits, misses) of the disk cache for every image of the group, without encoding or changing anything.
 
     Reads only npz headers and small keys (see latent_npz.py), so a dry run can report it cheaply.
     """
     hits = misses = 0
-    for job in _collect_jobs(group, True, file_suffix):
+    for job in _collect_jobs(group, True, file_suffix, multi_resolution):
         if _disk_reusable(job, cache_id, group.latent_downscale, skip_check):
             hits += 1
         else:
@@ -224,7 +255,14 @@ def _store(
     job: _Job, latents: torch.Tensor, flipped: torch.Tensor | None, mask: torch.Tensor | None, cache_id: str
 ) -> None:
     if job.npz is not None:
-        write_npz(job.npz, latents, job.deps(cache_id), latents_flipped=flipped, alpha_mask=mask)
+        write_npz(
+            job.npz,
+            latents,
+            job.deps(cache_id),
+            latents_flipped=flipped,
+            alpha_mask=mask,
+            multi_resolution=job.multi_resolution,
+        )
     for target in job.items:
         # clone: a slice would keep (and pickle) the whole batch's storage
         in_ram = job.npz is None
@@ -232,6 +270,7 @@ def _store(
         target.latents_flipped = flipped.clone() if in_ram and flipped is not None else None
         target.cached_mask = mask if in_ram else None
         target.latents_npz = job.npz
+        target.latents_npz_multi_resolution = job.multi_resolution
         target.latents_cache_id = cache_id
 
 
@@ -239,6 +278,7 @@ def _use_disk_file(job: _Job, cache_id: str) -> None:
     for target in job.items:
         target.latents, target.latents_flipped, target.cached_mask = None, None, None
         target.latents_npz, target.latents_cache_id = job.npz, cache_id
+        target.latents_npz_multi_resolution = job.multi_resolution
 
 
 def _batches(pending: list[_Job], batch_size: int) -> list[list[_Job]]:
@@ -280,6 +320,7 @@ def cache_latents(
     to_disk: bool,
     batch_size: int,
     file_suffix: str = "_sd",
+    multi_resolution: bool = False,
     skip_check: bool = False,
     show_progress: bool = True,
 ) -> CacheReport:
@@ -288,7 +329,8 @@ def cache_latents(
     `encode` maps float32 CPU pixels [B, 3, H, W] in [-1, 1] to unscaled latents [B, C, H/d, W/d]
     (d = the group's latent_downscale) and handles device and dtype itself. Raises UserError when a subset
     uses a random augmentation (see `cache_problems`) or a cache file cannot be written. An image that fails
-    to decode is skipped with a warning (an error with the group's `strict`).
+    to decode is skipped with a warning (an error with the group's `strict`). Disk files are named
+    `<stem>_<W>x<H><file_suffix>.npz`; for `multi_resolution` see the module docstring.
     """
     if batch_size < 1:
         raise UserError(f"--vae_batch_size must be >= 1, got {batch_size}")
@@ -298,7 +340,7 @@ def cache_latents(
     downscale = group.latent_downscale
     pending: list[_Job] = []
     reused = 0
-    for job in _collect_jobs(group, to_disk, file_suffix):
+    for job in _collect_jobs(group, to_disk, file_suffix, multi_resolution):
         if job.npz is not None:
             valid = _disk_reusable(job, cache_id, downscale, skip_check)
             if valid:

@@ -16,6 +16,10 @@ We add keys recording everything else the latents depend on, so a cache we wrote
 * `mask_source`: where `alpha_mask` came from ("alpha", or a mask file with its size and mtime).
 
 A file holding more than needed (flipped latents or a mask nobody asks for) is still valid.
+
+Multi-resolution files (kohya's FLUX `_flux.npz`): every key, ours included, ends with the latent size
+`_<h>x<w>` (`latents_8x8`), so one image cached at several bucket sizes shares one file. Writing replaces
+that resolution's keys and keeps the others; checking and reading look at the wanted resolution only.
 """
 
 from __future__ import annotations
@@ -31,6 +35,18 @@ import torch
 from library.errors import UserError
 
 _KOHYA_KEYS = {"latents", "original_size", "crop_ltrb"}
+# Every key one resolution may hold: a rewrite drops all of them, so no stale mask or flipped latent survives.
+_ALL_KEYS = (
+    *sorted(_KOHYA_KEYS),
+    "latents_flipped",
+    "alpha_mask",
+    "cache_id",
+    "image_file",
+    "bucket_reso",
+    "pixel_crop",
+    "resize_interpolation",
+    "mask_source",
+)
 _READ_ERRORS = (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError)
 
 
@@ -42,6 +58,14 @@ def latents_npz_path(image_path: Path, original_size: tuple[int, int], file_suff
 
 def latent_hw(bucket: tuple[int, int], downscale: int) -> tuple[int, int]:
     return bucket[1] // downscale, bucket[0] // downscale
+
+
+def key_suffix(bucket: tuple[int, int], downscale: int, multi_resolution: bool) -> str:
+    """kohya's `_<h>x<w>` (latent height x width) on every key of a multi-resolution file, else ""."""
+    if not multi_resolution:
+        return ""
+    height, width = latent_hw(bucket, downscale)
+    return f"_{height}x{width}"
 
 
 def file_stamp(path: Path) -> tuple[int, int]:
@@ -64,7 +88,7 @@ class LatentDeps:
     mask_source: str | None  # None (no mask), "alpha", or "file:<name>:<size>:<mtime_ns>"
 
     def recorded(self) -> dict[str, np.ndarray]:
-        """Our extra npz keys (mask_source only with a mask)."""
+        """Our extra npz keys without the resolution suffix (mask_source only with a mask)."""
         arrays = {
             "cache_id": np.array(self.cache_id),
             "image_file": np.array(self.image_file, dtype=np.int64),
@@ -90,46 +114,71 @@ def _shape(npz: np.lib.npyio.NpzFile, key: str) -> tuple[int, ...] | None:
     return tuple(shape)
 
 
-def _matches(npz: np.lib.npyio.NpzFile, deps: LatentDeps, downscale: int, need_flipped: bool) -> bool:
+def _matches(
+    npz: np.lib.npyio.NpzFile, deps: LatentDeps, downscale: int, need_flipped: bool, suffix: str
+) -> bool:
     files = set(npz.files)
-    if not files >= _KOHYA_KEYS:
+    if not files >= {key + suffix for key in _KOHYA_KEYS}:
         return False
-    shape = _shape(npz, "latents")
+    shape = _shape(npz, "latents" + suffix)
     if shape is None or len(shape) != 3 or shape[1:] != latent_hw(deps.bucket, downscale):
         return False
-    if need_flipped and _shape(npz, "latents_flipped") != shape:
+    if need_flipped and _shape(npz, "latents_flipped" + suffix) != shape:
         return False
-    if deps.mask_source is not None and _shape(npz, "alpha_mask") != (deps.bucket[1], deps.bucket[0]):
+    mask_shape = (deps.bucket[1], deps.bucket[0])
+    if deps.mask_source is not None and _shape(npz, "alpha_mask" + suffix) != mask_shape:
         return False
-    if npz["original_size"].tolist() != list(deps.original_size):
+    if npz["original_size" + suffix].tolist() != list(deps.original_size):
         return False
-    if not np.allclose(npz["crop_ltrb"].astype(np.float64), deps.crop_ltrb):
+    if not np.allclose(npz["crop_ltrb" + suffix].astype(np.float64), deps.crop_ltrb):
         return False
-    if "cache_id" in files and str(npz["cache_id"]) != deps.cache_id:
+    if "cache_id" + suffix in files and str(npz["cache_id" + suffix]) != deps.cache_id:
         return False
-    if "image_file" not in files:
+    if "image_file" + suffix not in files:
         # Made by kohya (or by an older version of ours): only what kohya records can be checked. kohya masks
         # are always alpha masks; a mask file's version is unknown, so such a cache is rebuilt.
         return deps.mask_source in (None, "alpha")
     for key, expected in deps.recorded().items():
-        if key not in files or npz[key].tolist() != expected.tolist():
+        if key + suffix not in files or npz[key + suffix].tolist() != expected.tolist():
             return False
     return True
 
 
 def is_valid_npz(
-    path: Path, deps: LatentDeps, *, downscale: int, need_flipped: bool, skip_check: bool = False
+    path: Path,
+    deps: LatentDeps,
+    *,
+    downscale: int,
+    need_flipped: bool,
+    skip_check: bool = False,
+    multi_resolution: bool = False,
 ) -> bool:
-    """Whether a cache file can be used as is; any unreadable file counts as invalid (and gets rewritten)."""
+    """Whether a cache file can be used as is; any unreadable file counts as invalid (and gets rewritten).
+
+    With `multi_resolution` only the keys of this bucket's latent size count (see the module docstring)."""
     if not path.is_file():
         return False
     if skip_check:  # kohya's --skip_cache_check: existence only, for huge datasets on slow disks
         return True
+    suffix = key_suffix(deps.bucket, downscale, multi_resolution)
     try:
         with np.load(path) as npz:
-            return _matches(npz, deps, downscale, need_flipped)
+            return _matches(npz, deps, downscale, need_flipped, suffix)
     except _READ_ERRORS:
         return False
+
+
+def _other_resolutions(path: Path, suffix: str) -> dict[str, np.ndarray]:
+    """The arrays of an existing multi-resolution file except this resolution's (and keys without a size,
+    from older single-resolution files, which nothing reads); {} when there is none or it is unreadable."""
+    if not path.is_file():
+        return {}
+    replaced = {key + suffix for key in _ALL_KEYS} | set(_ALL_KEYS)
+    try:
+        with np.load(path) as npz:
+            return {key: npz[key] for key in npz.files if key not in replaced}
+    except _READ_ERRORS:
+        return {}
 
 
 def write_npz(
@@ -139,21 +188,27 @@ def write_npz(
     *,
     latents_flipped: torch.Tensor | None = None,
     alpha_mask: torch.Tensor | None = None,
+    multi_resolution: bool = False,
 ) -> None:
     """Write atomically (temp file, then rename) so an interrupted run never leaves a half-written cache.
 
-    `alpha_mask` is uint8 [H, W] (0..255) and stored as kohya does: float32 in [0, 1].
+    `alpha_mask` is uint8 [H, W] (0..255) and stored as kohya does: float32 in [0, 1]. With
+    `multi_resolution` the keys carry the latent size and the file's other resolutions are kept.
     """
-    arrays = {
+    # From the latents' own size, as kohya names them (the encoder's output was checked against the bucket).
+    suffix = f"_{latents.shape[1]}x{latents.shape[2]}" if multi_resolution else ""
+    own = {
         "latents": latents.to(torch.float32).numpy(),
         "original_size": np.array(deps.original_size),
         "crop_ltrb": np.array(deps.crop_ltrb),
         **deps.recorded(),
     }
     if latents_flipped is not None:
-        arrays["latents_flipped"] = latents_flipped.to(torch.float32).numpy()
+        own["latents_flipped"] = latents_flipped.to(torch.float32).numpy()
     if alpha_mask is not None:
-        arrays["alpha_mask"] = alpha_mask.numpy().astype(np.float32) / 255.0
+        own["alpha_mask"] = alpha_mask.numpy().astype(np.float32) / 255.0
+    arrays = _other_resolutions(path, suffix) if multi_resolution else {}
+    arrays.update({key + suffix: value for key, value in own.items()})
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -167,16 +222,23 @@ def write_npz(
 
 
 def read_cached(
-    path: Path, bucket: tuple[int, int], downscale: int, *, flipped: bool, mask: bool
+    path: Path,
+    bucket: tuple[int, int],
+    downscale: int,
+    *,
+    flipped: bool,
+    mask: bool,
+    multi_resolution: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Latents (or flipped latents) of one image, and its mask (float32 [1, H, W], flipped too) when asked."""
-    key = "latents_flipped" if flipped else "latents"
+    suffix = key_suffix(bucket, downscale, multi_resolution)
+    key = ("latents_flipped" if flipped else "latents") + suffix
     try:
-        with np.load(path) as npz:
+        with np.load(path) as npz:  # lazy: only the keys read here leave the disk
             array = npz[key]
-            mask_array = npz["alpha_mask"] if mask else None
+            mask_array = npz["alpha_mask" + suffix] if mask else None
     except _READ_ERRORS:
-        wanted = f"{key} and alpha_mask" if mask else key
+        wanted = f"{key} and alpha_mask{suffix}" if mask else key
         raise UserError(
             f"latent cache {path} is missing, unreadable or lacks {wanted}; run latent caching again"
         ) from None

@@ -154,7 +154,14 @@ def load_sample(
         mask = _as_float(item.cached_mask, flip) if mask_wanted else None
         return Sample(None, latents, mask)
     if item.latents_npz is not None:
-        latents, mask = read_cached(item.latents_npz, item.bucket, downscale, flipped=flip, mask=mask_wanted)
+        latents, mask = read_cached(
+            item.latents_npz,
+            item.bucket,
+            downscale,
+            flipped=flip,
+            mask=mask_wanted,
+            multi_resolution=item.latents_npz_multi_resolution,
+        )
         return Sample(None, latents, mask)
     loaded = load_image(
         item.path, item.assignment, subset.pixel_options, flip=flip, rng=rng, mask_path=item.mask_path

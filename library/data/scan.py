@@ -38,6 +38,7 @@ class ImageItem:
     latents: torch.Tensor | None = None
     latents_flipped: torch.Tensor | None = None
     latents_npz: Path | None = None
+    latents_npz_multi_resolution: bool = False  # its keys carry the `_<h>x<w>` latent size (FLUX files)
     latents_cache_id: str | None = None
     mask_path: Path | None = None  # its mask image (conditioning_data_dir), for --masked_loss
     cached_mask: torch.Tensor | None = None  # uint8 [H, W], kept with RAM latents

@@ -1,6 +1,6 @@
 """Model families behind the `ModelFamily` protocol, looked up by name (`get_family("sd")`).
 
-Entry scripts pick the name (train_network.py -> "sd", sdxl_train_network.py -> "sdxl"); shared code never branches on it.
+Entry scripts pick the name (train_network.py -> "sd", sdxl_train_network.py -> "sdxl", flux_train_network.py -> "flux"); shared code never branches on it.
 """
 
 from __future__ import annotations
@@ -23,8 +23,14 @@ def _sdxl() -> ModelFamily:
     return StableDiffusionXLFamily()
 
 
+def _flux() -> ModelFamily:
+    from library.families.flux import FluxFamily
+
+    return FluxFamily()
+
+
 # Factories import lazily, so `import library.families` stays cheap (no diffusers/transformers import).
-_FAMILIES: dict[str, Callable[[], ModelFamily]] = {"sd": _sd, "sdxl": _sdxl}
+_FAMILIES: dict[str, Callable[[], ModelFamily]] = {"sd": _sd, "sdxl": _sdxl, "flux": _flux}
 
 
 def family_names() -> list[str]:

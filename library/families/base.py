@@ -6,6 +6,7 @@ Everything that differs between SD 1.x/2.x, SDXL and FLUX lives behind `ModelFam
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,7 +18,7 @@ import torch
 class ModelInfo:
     """What a family learns from a checkpoint *without* loading weights (headers and config files only)."""
 
-    family: str  # "sd1" | "sd2" | later "sdxl", "flux"
+    family: str  # "sd1" | "sd2" | "sdxl" | "flux"
     path: Path
     layout: str  # "diffusers" | "single_file"
     v2: bool = False
@@ -26,7 +27,10 @@ class ModelInfo:
     modelspec_architecture: str = "stable-diffusion-v1/lora"
     modelspec_implementation: str = "diffusers"
     default_resolution: int = 512
+    prediction_type: str | None = None  # modelspec.prediction_type; None: from v_parameterization (SD/SDXL)
     details: dict[str, Any] = field(default_factory=dict)
+    # family-specific ss_* metadata (FLUX: guidance scale, timestep sampling, ...), merged into the LoRA file
+    training_metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -50,14 +54,37 @@ class ModelFamily(Protocol):
     """One class per family. Stateless: all state lives in `ModelBundle`."""
 
     name: str
+    script: str  # the entry script that trains this family, for messages
     latent_channels: int
     latent_downscale: int  # pixels per latent cell (8 for SD VAEs)
+    # kohya's disk latent cache: `<stem>_<W>x<H><latent_file_suffix>.npz`; with latent_multi_resolution every
+    # key carries the latent size (`latents_64x64`) so several bucket sizes share one file (FLUX).
+    latent_file_suffix: str
+    latent_multi_resolution: bool
     bucket_reso_steps_multiple: int  # bucket_reso_steps must be a multiple of this
     tokenizer_flags: tuple[str, ...]  # the --tokenizer_*path options this family reads, one per text encoder
     clip_skip_supported: bool  # False: --clip_skip is ignored (with a warning), as kohya does for SDXL
+    weighted_captions_supported: bool  # kohya's (word:1.2) caption weights
+    # encode_prompts' output keys per text encoder, e.g. FLUX (("l_pooled",), ("t5_out", "t5_attn_mask")): with
+    # --cache_text_encoder_outputs a trained encoder's keys are computed live, the others come from the cache.
+    text_encoder_outputs: tuple[tuple[str, ...], ...]
+    snr_weighting_supported: (
+        bool  # a DDPM schedule: min-SNR, debiased, v-pred loss scaling, zero terminal SNR
+    )
+    # TrainConfig options only this family reads (e.g. FLUX's --clip_l, --guidance_scale). `inspect` gets their
+    # values; shared code rejects them for families that do not list them. Recorded as ss_<name> metadata.
+    option_names: tuple[str, ...]
 
-    def inspect(self, model_path: Path, *, v2: bool, v_parameterization: bool) -> ModelInfo:
-        """Read headers/configs only; raise UserError for missing components or a wrong family."""
+    def inspect(
+        self,
+        model_path: Path,
+        *,
+        v2: bool,
+        v_parameterization: bool,
+        options: Mapping[str, Any] | None = None,
+    ) -> ModelInfo:
+        """Read headers/configs only; raise UserError for missing components or a wrong family. `options`: the
+        values of `option_names`, kept in `ModelInfo.details` for the other members."""
 
     def load(
         self,
@@ -86,10 +113,12 @@ class ModelFamily(Protocol):
         clip_skip: int | None,
         max_token_length: int | None,
         weighted: bool = False,
+        encoders: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Captions -> conditioning tensors for `predict` (on the text encoders' device), every one batch-first
         ([B, ...]) and depending only on its own caption, so that they can be cached per caption. `weighted`:
-        parse kohya's `(text:1.3)` / `(text)` / `[text]` weights and scale the tokens' states."""
+        parse kohya's `(text:1.3)` / `(text)` / `[text]` weights and scale the tokens' states. `encoders`:
+        run only these text encoders (indices) and return only their `text_encoder_outputs` keys."""
 
     def batch_conditioning(
         self, bundle: ModelBundle, batch: dict[str, Any], device: torch.device
@@ -107,6 +136,16 @@ class ModelFamily(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled latents + noise at `timesteps` -> (model input, regression target). `input_noise`, when
         given, replaces `noise` in the model input only (kohya's ip_noise_gamma perturbation)."""
+
+    def sample_timesteps(
+        self, bundle: ModelBundle, latents: torch.Tensor, min_timestep: int, max_timestep: int
+    ) -> torch.Tensor:
+        """Training timesteps [B] on the latents' device, drawn there (no host sync). DDPM families: integers
+        in [min, max); flow families: sigma * 1000 from their own sampling scheme."""
+
+    def timestep_loss_weights(self, bundle: ModelBundle, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample loss weights [B] the family's scheme puts on these timesteps (FLUX's sigma_sqrt /
+        cosmap weighting), or None."""
 
     def snr(self, bundle: ModelBundle, timesteps: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio [B] of each timestep, float32 on the timesteps' device (no host sync)."""

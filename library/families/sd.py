@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -227,11 +228,25 @@ class StableDiffusionFamily:
     name = "sd"
     latent_channels = 4
     latent_downscale = 8
+    latent_file_suffix = "_sd"
+    latent_multi_resolution = False
     bucket_reso_steps_multiple = 64
     tokenizer_flags: tuple[str, ...] = ("--tokenizer_path",)
     clip_skip_supported = True
+    option_names: tuple[str, ...] = ()
+    weighted_captions_supported = True
+    text_encoder_outputs: tuple[tuple[str, ...], ...] = (("encoder_hidden_states",),)
+    snr_weighting_supported = True
+    script = "train_network.py"
 
-    def inspect(self, model_path: Path, *, v2: bool, v_parameterization: bool) -> ModelInfo:
+    def inspect(
+        self,
+        model_path: Path,
+        *,
+        v2: bool,
+        v_parameterization: bool,
+        options: Mapping[str, Any] | None = None,
+    ) -> ModelInfo:
         path = Path(model_path)
         if not path.exists():
             raise UserError(
@@ -307,6 +322,7 @@ class StableDiffusionFamily:
         clip_skip: int | None,
         max_token_length: int | None,
         weighted: bool = False,
+        encoders: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor]:
         hidden = _encode_prompts(
             bundle.text_encoders[0],
@@ -334,6 +350,16 @@ class StableDiffusionFamily:
         noisy = a * latents + s * (noise if input_noise is None else input_noise)
         target = a * noise - s * latents if bundle.info.v_parameterization else noise
         return noisy, target
+
+    def sample_timesteps(
+        self, bundle: ModelBundle, latents: torch.Tensor, min_timestep: int, max_timestep: int
+    ) -> torch.Tensor:
+        from library.training.noise import sample_timesteps
+
+        return sample_timesteps(min_timestep, max_timestep, latents.shape[0], latents.device)
+
+    def timestep_loss_weights(self, bundle: ModelBundle, timesteps: torch.Tensor) -> torch.Tensor | None:
+        return None
 
     def snr(self, bundle: ModelBundle, timesteps: torch.Tensor) -> torch.Tensor:
         return _snr_table(bundle, timesteps.device)[timesteps]

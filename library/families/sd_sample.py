@@ -23,10 +23,12 @@ def sample_with_pipeline(
     device: torch.device,
     make_pipe: Callable[[Any], Any],
     conditioning: Callable[[Any], dict[str, Any]],
+    unpack: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
 ) -> list[Any]:
     """One PIL image per prompt (fields of `SamplePrompt`). `make_pipe(prompt)` builds a pipeline over the
-    bundle's components; `conditioning(prompt)` gives its embedding keyword arguments. The seeded generator
-    lives on the CPU, so an image does not depend on the device it was made on."""
+    bundle's components; `conditioning(prompt)` gives its embedding keyword arguments (overriding the
+    defaults); `unpack(latents, prompt)` turns what the pipeline returns into [B, C, h, w] latents. The
+    seeded generator lives on the CPU, so an image does not depend on the device it was made on."""
     from PIL import Image
 
     images = []
@@ -35,16 +37,18 @@ def sample_with_pipeline(
     for prompt in prompts:
         pipe = make_pipe(prompt)
         pipe.set_progress_bar_config(disable=True)
+        kwargs = {
+            "height": prompt.height,
+            "width": prompt.width,
+            "num_inference_steps": prompt.steps,
+            "guidance_scale": prompt.scale,
+            "generator": torch.Generator("cpu").manual_seed(prompt.seed),
+            "output_type": "latent",
+        }
         with torch.no_grad():
-            latents = pipe(
-                **conditioning(prompt),
-                height=prompt.height,
-                width=prompt.width,
-                num_inference_steps=prompt.steps,
-                guidance_scale=prompt.scale,
-                generator=torch.Generator("cpu").manual_seed(prompt.seed),
-                output_type="latent",
-            ).images
+            latents = pipe(**{**kwargs, **conditioning(prompt)}).images
+            if unpack is not None:
+                latents = unpack(latents, prompt)
             pixels = vae.decode(latents.to(device, vae_dtype) / bundle.vae_scale + bundle.vae_shift).sample
         del pipe  # holds references to every component; nothing may outlive the call
         array = ((pixels[0].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)

@@ -10,6 +10,7 @@ schedule, targets and SNR tables are SD's (DDPM scaled-linear), so those members
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,11 +119,21 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     """SDXL base and derivatives (epsilon or v-prediction). Stateless like SD's."""
 
     name = "sdxl"
+    script = "sdxl_train_network.py"
+    latent_file_suffix = "_sdxl"
     bucket_reso_steps_multiple = 32
     tokenizer_flags = ("--tokenizer_path", "--tokenizer_2_path")
     clip_skip_supported = False  # SDXL always conditions on the penultimate layers, as kohya
+    text_encoder_outputs = (("hidden_state1",), ("hidden_state2", "pool2"))
 
-    def inspect(self, model_path: Path, *, v2: bool, v_parameterization: bool) -> ModelInfo:
+    def inspect(
+        self,
+        model_path: Path,
+        *,
+        v2: bool,
+        v_parameterization: bool,
+        options: Mapping[str, Any] | None = None,
+    ) -> ModelInfo:
         path = Path(model_path)
         if v2:
             raise UserError(
@@ -196,6 +207,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         clip_skip: int | None,
         max_token_length: int | None,
         weighted: bool = False,
+        encoders: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor]:
         caches = (bundle.cache.setdefault("token_ids_1", {}), bundle.cache.setdefault("token_ids_2", {}))
         return encode_sdxl_prompts(
@@ -205,6 +217,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
             max_token_length=max_token_length,
             token_caches=caches,
             weighted=weighted,
+            encoders=encoders,
         )
 
     def batch_conditioning(

@@ -10,6 +10,7 @@ text-encoder output cache can store it as is.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ def encode_sdxl_prompts(
     max_token_length: int | None,
     token_caches: tuple[dict, dict],
     weighted: bool = False,
+    encoders: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Captions -> {"hidden_state1": [B, L, C1], "hidden_state2": [B, L, C2], "pool2": [B, P]} on the text
     encoders' device; L = 77 or max_token_length + 2."""
@@ -77,14 +79,15 @@ def encode_sdxl_prompts(
     te1, te2 = text_encoders
     window = te1.config.max_position_embeddings
     n_chunks = (max_token_length or window - 2) // (window - 2)
-    device = next(te1.parameters()).device
     batch = len(captions)
     out: dict[str, torch.Tensor] = {}
     for index, (encoder, tokenizer, cache) in enumerate(
         zip(text_encoders, tokenizers, token_caches, strict=True), 1
     ):
+        if encoders is not None and index - 1 not in encoders:
+            continue
         ids, weights = _ids(tokenizer, captions, n_chunks, window, cache, weighted)
-        flat = ids.view(-1, window).to(device, non_blocking=True)
+        flat = ids.view(-1, window).to(next(encoder.parameters()).device, non_blocking=True)
         result = encoder(flat, output_hidden_states=True, return_dict=True)
         hidden = join_windows(result.hidden_states[-2], batch, n_chunks, window)
         if weights is not None:

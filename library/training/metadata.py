@@ -46,9 +46,12 @@ def modelspec(
         "modelspec.title": config.metadata_title or config.output_name or f"LoRA@{_iso(started)}",
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.date": _iso(started),
-        "modelspec.prediction_type": "v" if info.v_parameterization else "epsilon",
         "modelspec.implementation_version": PROJECT_VERSION,
     }
+    if info.prediction_type != "flow":  # kohya writes none for FLUX
+        spec["modelspec.prediction_type"] = info.prediction_type or (
+            "v" if info.v_parameterization else "epsilon"
+        )
     lo = 0 if config.min_timestep is None else config.min_timestep
     hi = 1000 if config.max_timestep is None else config.max_timestep
     if (lo, hi) != (0, 1000):
@@ -150,6 +153,7 @@ def training_metadata(
         "ss_sd_model_name": Path(config.pretrained_model_name_or_path or "").name,
         "ss_vae_name": Path(config.vae).name if config.vae else None,
     }
+    md.update(info.training_metadata)
     if network_args:
         md["ss_network_args"] = json.dumps(network_args)
     if config.dataset_config:

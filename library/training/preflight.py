@@ -58,7 +58,11 @@ def cache_summary(config: TrainConfig, family: ModelFamily, dataset: Any) -> str
     from library.data.latent_cache import check_latent_cache
 
     hits, misses = check_latent_cache(
-        dataset, R.latent_cache_id(config, family), skip_check=config.skip_cache_check
+        dataset,
+        R.latent_cache_id(config, family),
+        file_suffix=family.latent_file_suffix,
+        skip_check=config.skip_cache_check,
+        multi_resolution=family.latent_multi_resolution,
     )
     return f"Latent cache (disk): {hits} valid cache files reused, {misses} images to encode"
 
@@ -93,6 +97,42 @@ def check_prediction_flags(config: TrainConfig, info: ModelInfo) -> None:
         )
 
 
+def foreign_options(config: TrainConfig, family: ModelFamily) -> None:
+    """Options of another family's script (e.g. FLUX's --guidance_scale with train_network.py) set away from
+    their defaults: an error naming the script that reads them, since ignoring them would surprise."""
+    from dataclasses import fields
+
+    from library.config.options import default_of
+    from library.families import family_names, get_family
+
+    owners: dict[str, str] = {}
+    for name in family_names():
+        other = get_family(name)
+        for option in other.option_names:
+            owners.setdefault(option, other.script)
+    defaults = {f.name: default_of(f) for f in fields(config)}
+    stray = [
+        f"--{option}: only {script} reads it; remove it or use {script}"
+        for option, script in owners.items()
+        if option not in family.option_names and getattr(config, option) != defaults[option]
+    ]
+    if stray:
+        raise UserError(*stray)
+
+
+def check_network_family(config: TrainConfig, family: ModelFamily) -> None:
+    """--network_module / --network_args that do not fit this family (e.g. FLUX-only args on SD); our own
+    network modules say which through `family_problems`."""
+    if not config.network_module.startswith("networks."):
+        return
+    import importlib
+
+    check = getattr(importlib.import_module(config.network_module), "family_problems", None)
+    problems = check(config.network_args, family.name) if check is not None else []
+    if problems:
+        raise UserError(*problems)
+
+
 def check_family_flags(config: TrainConfig, family: ModelFamily) -> None:
     """Options that only some families read: an error where ignoring one would surprise, else a warning."""
     given = {"--tokenizer_path": config.tokenizer_path, "--tokenizer_2_path": config.tokenizer_2_path}
@@ -101,6 +141,8 @@ def check_family_flags(config: TrainConfig, family: ModelFamily) -> None:
         raise UserError(
             *(f"{flag}: this model family has no such tokenizer; remove {flag}" for flag in unused)
         )
+    foreign_options(config, family)
+    check_network_family(config, family)
     encoders = len(family.tokenizer_flags)  # one tokenizer per text encoder
     if len(config.text_encoder_lr) > encoders:
         raise UserError(
@@ -108,6 +150,40 @@ def check_family_flags(config: TrainConfig, family: ModelFamily) -> None:
             f"encoder(s); pass one value for all of them"
             + (f" or {encoders}, one each" if encoders > 1 else "")
         )
+    problems = []
+    caching = config.cache_text_encoder_outputs or config.cache_text_encoder_outputs_to_disk
+    if caching and not config.network_train_unet_only and len(family.text_encoder_outputs) == 1:
+        flag = "--cache_text_encoder_outputs" + (
+            "_to_disk" if config.cache_text_encoder_outputs_to_disk else ""
+        )
+        problems.append(
+            f"{flag} needs --network_train_unet_only: a text-encoder LoRA changes the text encoder's outputs "
+            "at every step, so they cannot be cached; add --network_train_unet_only or remove " + flag
+        )
+    if config.weighted_captions and not family.weighted_captions_supported:
+        problems.append(
+            f"--weighted_captions: {family.script} has no caption weighting (kohya: SD and SDXL only)"
+        )
+    if not family.snr_weighting_supported:
+        needs_schedule = {
+            "--min_snr_gamma": config.min_snr_gamma,
+            "--debiased_estimation_loss": config.debiased_estimation_loss,
+            "--scale_v_pred_loss_like_noise_pred": config.scale_v_pred_loss_like_noise_pred,
+            "--v_pred_like_loss": config.v_pred_like_loss,
+            "--zero_terminal_snr": config.zero_terminal_snr,
+        }
+        problems += [
+            f"{flag}: needs a DDPM noise schedule, which {family.script}'s flow-matching model does not have "
+            "(kohya ignores it silently); remove it"
+            for flag, value in needs_schedule.items()
+            if value
+        ]
+        if config.loss_type in ("huber", "smooth_l1") and config.huber_schedule == "snr":
+            problems.append(
+                f"--huber_schedule snr: needs a DDPM noise schedule; use constant or exponential with {family.script}"
+            )
+    if problems:
+        raise UserError(*problems)
     if config.clip_skip is not None and not family.clip_skip_supported:
         log.warning(
             "--clip_skip %s is ignored: this model family always uses the layers it was trained on "

@@ -165,6 +165,7 @@ def scan_dataset_and_model(config: TrainConfig, family: ModelFamily, seed: int) 
             Path(config.pretrained_model_name_or_path),
             v2=config.v2,
             v_parameterization=config.v_parameterization,
+            options={name: getattr(config, name) for name in family.option_names},
         )
     except UserError as exc:
         problems += exc.problems
@@ -209,7 +210,9 @@ def latent_cache_id(config: TrainConfig, family: ModelFamily) -> str:
     """Names the encoder of the latent cache; the dry run checks disk caches with the same id."""
     from library.data.latent_cache import encoder_cache_id
 
-    return encoder_cache_id(family.name, Path(config.vae or config.pretrained_model_name_or_path))
+    # FLUX's autoencoder is its own file (--ae): a replaced ae must invalidate the cache, the transformer not.
+    ae = config.ae if "ae" in family.option_names else None
+    return encoder_cache_id(family.name, Path(config.vae or ae or config.pretrained_model_name_or_path))
 
 
 def cache_latents_if_needed(
@@ -233,6 +236,8 @@ def cache_latents_if_needed(
         cache_id=latent_cache_id(config, run_family),
         to_disk=config.cache_latents_to_disk,
         batch_size=config.vae_batch_size,
+        file_suffix=run_family.latent_file_suffix,
+        multi_resolution=run_family.latent_multi_resolution,
         skip_check=config.skip_cache_check,
     )
     log.info("latents: %s", report)

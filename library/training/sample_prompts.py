@@ -52,12 +52,14 @@ _TXT_OPTIONS = {
     "l": ("scale", float),
     "d": ("seed", int),
     "ss": ("sample_sampler", str),
+    "g": ("guidance_scale", float),  # FLUX.1 dev's distilled guidance; other families ignore it
 }
 # kohya options for other families or features (FLUX guidance and flow shift, ControlNet, renorm CFG): they
 # change nothing for SD, so a shared prompt file still works; each is reported once as ignored.
-_TXT_IGNORED = {"g": "FLUX guidance", "fs": "flow shift", "cn": "ControlNet image", "ctr": "ControlNet"}
+_TXT_IGNORED = {"fs": "flow shift", "cn": "ControlNet image", "ctr": "ControlNet"}
 _TXT_IGNORED |= {"rcfg": "renormalized CFG", "am": "attention mask"}
 _KEYS = {"prompt", "negative_prompt", "width", "height", "sample_steps", "scale", "seed", "sample_sampler"}
+_KEYS |= {"guidance_scale"}
 _KEYS_IGNORED = {"subset", "enum"}
 
 
@@ -72,6 +74,7 @@ class SamplePrompt:
     scale: float = DEFAULT_SCALE
     seed: int | None = None
     sampler: str | None = None  # None: --sample_sampler
+    guidance: float | None = None  # FLUX.1 dev's guidance (--g); None: --guidance_scale
 
 
 # Samplers whose diffusers class needs an optional package.
@@ -108,6 +111,7 @@ def _from_dict(raw: dict[str, Any], index: int, where: str, size_multiple: int) 
         ("scale", float),
         ("seed", int),
         ("sample_sampler", str),
+        ("guidance_scale", float),
     ):
         if raw.get(key) is None:
             continue
@@ -146,6 +150,7 @@ def _from_dict(raw: dict[str, Any], index: int, where: str, size_multiple: int) 
         scale=float(values.get("scale", DEFAULT_SCALE)),
         seed=values.get("seed"),
         sampler=values["sample_sampler"].lower() if "sample_sampler" in values else None,
+        guidance=float(values["guidance_scale"]) if "guidance_scale" in values else None,
     )
 
 
@@ -165,7 +170,9 @@ def parse_txt_line(line: str, where: str) -> dict[str, Any]:
         option = _TXT_OPTIONS.get(name)
         if option is None:
             hint = did_you_mean(name, _TXT_OPTIONS.keys()).replace('"', '"--', 1)
-            problems.append(f"{where}: unknown option --{name}{hint}; options: --n --w --h --s --l --d --ss")
+            problems.append(
+                f"{where}: unknown option --{name}{hint}; options: --n --w --h --s --l --d --ss --g"
+            )
             continue
         key, convert = option
         if not value and convert is not str:

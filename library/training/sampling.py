@@ -128,7 +128,9 @@ class ImageSampler:
         homes = [next(m.parameters()).device for m in borrowed]
         config = self.bundle.noise_scheduler.config
         # Once per sampling call: the training schedule ends at SNR 0 only after --zero_terminal_snr.
-        zero_snr = float(self.bundle.noise_scheduler.alphas_cumprod[-1]) == 0.0
+        # (Flow-matching families build their own sampler and have no alphas_cumprod.)
+        alphas = getattr(self.bundle.noise_scheduler, "alphas_cumprod", None)
+        zero_snr = alphas is not None and float(alphas[-1]) == 0.0
         with preserved_rng(self.device), inference_mode_of(modules, optimizer):
             # A prompt without --d gets a seed from the (restored afterwards) training RNG: reproducible for
             # a given --seed, and written into the file name.

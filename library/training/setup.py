@@ -28,12 +28,18 @@ SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16"
 
 
 def _configure_model(
-    config: TrainConfig, bundle, device: torch.device, weight_dtype: torch.dtype, train_te: bool
+    config: TrainConfig,
+    bundle,
+    device: torch.device,
+    weight_dtype: torch.dtype,
+    train_te: bool,
+    live_text_encoders: tuple[int, ...] = (),
 ) -> None:
     # The family loaded the weights in weight_dtype already; only the device changes here.
     bundle.unet.to(device)
-    if not caching_text(config):  # cached outputs replace the text encoders, which stay on the CPU
-        for te in bundle.text_encoders:
+    for index, te in enumerate(bundle.text_encoders):
+        # Cached outputs replace the frozen text encoders, which stay on the CPU; a trained one runs live.
+        if not caching_text(config) or index in live_text_encoders:
             te.to(device)
     if config.xformers:
         bundle.unet.enable_xformers_memory_efficient_attention()
@@ -48,6 +54,21 @@ def _configure_model(
                 else:
                     te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 te.train()
+
+
+def live_text_encoders(config: TrainConfig, family: ModelFamily, network, train_te: bool) -> tuple[int, ...]:
+    """With --cache_text_encoder_outputs: the text encoders whose LoRA trains, computed every step while the
+    others come from the cache (kohya: FLUX's CLIP-L LoRA with T5 cached). Every encoder trained: nothing
+    could be cached, an error."""
+    if not (caching_text(config) and train_te):
+        return ()
+    trained = tuple(sorted({lo.te_index or 0 for lo in getattr(network, "text_encoder_loras", [])}))
+    if len(trained) >= len(family.text_encoder_outputs):
+        raise UserError(
+            "--cache_text_encoder_outputs: the network trains every text encoder, so no output can be cached; "
+            "add --network_train_unet_only, or keep one encoder frozen (FLUX: no train_t5xxl)"
+        )
+    return trained
 
 
 def _half_network(network, accelerator, weight_dtype: torch.dtype, fp16: bool) -> None:
@@ -150,7 +171,8 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
     network.to(device)
     if config.full_fp16 or config.full_bf16:
         _half_network(network, accelerator, weight_dtype, config.full_fp16)
-    _configure_model(config, bundle, device, weight_dtype, train_te)
+    live = live_text_encoders(config, family, network, train_te)
+    _configure_model(config, bundle, device, weight_dtype, train_te, live)
 
     te_lr = list(config.text_encoder_lr) or None  # one value, or one per text encoder (SDXL: TE1, TE2)
     groups, lr_names = network.prepare_optimizer_params(te_lr, config.unet_lr, config.learning_rate)
@@ -208,6 +230,7 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
         num_train_timesteps=bundle.noise_scheduler.config.num_train_timesteps,
         weighted_captions=config.weighted_captions,
         text_cache=text_cache,
+        live_text_encoders=live,
     )
     metadata = training_metadata(
         config,

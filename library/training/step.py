@@ -15,7 +15,7 @@ from library.training.losses import (
     per_element_loss,
     weight_per_sample_loss,
 )
-from library.training.noise import NoiseOptions, input_noise, sample_noise, sample_timesteps
+from library.training.noise import NoiseOptions, input_noise, sample_noise
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,8 @@ class StepOptions:
     # library.data.text_cache.TextEncoderCache (--cache_text_encoder_outputs): conditioning is looked up
     # there instead of running the text encoders.
     text_cache: Any = None
+    # With a text cache: the text encoders whose LoRA trains (their outputs are computed every step).
+    live_text_encoders: tuple[int, ...] = ()
 
 
 def batch_latents(
@@ -59,15 +61,20 @@ def text_conditioning(
 ) -> dict[str, torch.Tensor]:
     """The family's conditioning for the captions; from the text-encoder output cache when there is one
     (sent to `device`, without a host sync)."""
+    cached: dict[str, torch.Tensor] = {}
+    # Only passed when on, so families without weighted captions keep their plain signature.
+    extra: dict[str, Any] = {"weighted": True} if options.weighted_captions else {}
     if options.text_cache is not None:
-        return options.text_cache.lookup(captions, device)
+        cached = options.text_cache.lookup(captions, device)
+        if not options.live_text_encoders:
+            return cached
+        extra["encoders"] = options.live_text_encoders
     grad = torch.enable_grad() if options.train_text_encoder else torch.no_grad()
     with grad:
-        # Only passed when on, so families without weighted captions keep their plain signature.
-        extra = {"weighted": True} if options.weighted_captions else {}
-        return family.encode_prompts(
+        live = family.encode_prompts(
             bundle, captions, clip_skip=options.clip_skip, max_token_length=options.max_token_length, **extra
         )
+    return {**cached, **live}
 
 
 def apply_loss_mask(per_element: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -103,7 +110,7 @@ def diffusion_loss(
         if noise is None:
             noise = sample_noise(latents, options.noise)
         if timesteps is None:
-            timesteps = sample_timesteps(options.min_timestep, options.max_timestep, latents.shape[0], device)
+            timesteps = family.sample_timesteps(bundle, latents, options.min_timestep, options.max_timestep)
         perturbed = input_noise(noise, options.noise)
         extra = {} if perturbed is None else {"input_noise": perturbed}
         noisy, target = family.noisy_input_and_target(bundle, latents, noise, timesteps, **extra)
@@ -141,4 +148,7 @@ def weighted_loss(
         per_element = apply_loss_mask(per_element, masks.to(device, non_blocking=True))
     per_sample = per_element.mean(dim=tuple(range(1, per_element.ndim)))
     per_sample = per_sample * batch["loss_weights"].to(device, non_blocking=True)
+    scheme = family.timestep_loss_weights(bundle, timesteps)
+    if scheme is not None:
+        per_sample = per_sample * scheme
     return weight_per_sample_loss(per_sample, snr, lo, bundle.info.v_parameterization).mean()

@@ -136,7 +136,15 @@ def test_prompts_give_kohyas_three_tensors(dev):
         cond = FLUX.encode_prompts(
             dev, ["a photo of a red circle", "sks"], clip_skip=None, max_token_length=None
         )
-    assert set(cond) == {"l_pooled", "t5_out", "t5_attn_mask"}
+    assert set(cond) == {
+        "l_pooled",
+        "t5_out",
+        "t5_attn_mask",
+        "txt_ids",
+        "apply_t5_attn_mask",
+    }  # kohya's keys
+    assert cond["txt_ids"].shape == (2, 512, 3) and not cond["txt_ids"].any()
+    assert cond["apply_t5_attn_mask"].tolist() == [0.0, 0.0]
     assert cond["l_pooled"].shape == (2, 64) and cond["t5_out"].shape == (2, 512, 32)
     assert cond["t5_attn_mask"][1].sum() == 2  # "sks" + </s>
     clip, _ = dev.text_encoders

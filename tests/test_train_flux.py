@@ -83,7 +83,8 @@ def test_cached_text_encoder_outputs_train_the_same_lora(tiny_flux, dataset: Pat
     cached = db_args(tiny_flux.transformer, dataset, tmp_path / "cached", "--max_train_steps", "2", *common)
     assert run_flux(plain) == 0
     assert run_flux([*cached, "--cache_text_encoder_outputs_to_disk"]) == 0
-    npz = np.load(next((dataset / "2_sks shape").glob("*_te_outputs.npz")))
+    npz = np.load(next((dataset / "2_sks shape").glob("*_flux_te.npz")))  # kohya's FLUX name and keys
+    assert npz["txt_ids"].shape == (16, 3) and float(npz["apply_t5_attn_mask"]) == 0.0
     assert (
         npz["t5_out"].shape == (16, 32)
         and npz["l_pooled"].shape == (64,)
@@ -159,3 +160,31 @@ def test_clip_lora_trains_live_with_t5_outputs_cached(tiny_flux, dataset: Path, 
     assert a.keys() == b.keys() and any(k.startswith("lora_te1_") for k in a)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_validation_loss_is_fixed_for_flux(tiny_flux, tmp_path: Path):
+    """kohya's FLUX validation draws random timesteps; ours are the same four noise levels every time."""
+    from library.config import parse_config
+    from library.families import get_family
+    from library.training.extras import build_extras
+    from library.training.progress import Logger
+    from library.training.setup import build_run
+
+    data = make_images(tmp_path / "data", n=4)
+    args = db_args(
+        tiny_flux.transformer, data, tmp_path / "out", "--validation_split", "0.5", "--max_train_steps", "1"
+    )
+    args += flux_files_args(tiny_flux) + ["--t5xxl_max_token_length", "16", "--timestep_sampling", "sigmoid"]
+    run = build_run(parse_config(args, prog="t", description="t"), get_family("flux"))
+
+    class _Bar:
+        def set_postfix(self, *a, **k) -> None: ...
+
+        def write(self, *a, **k) -> None: ...
+
+    validator = build_extras(run, Logger(None, None, "x"), _Bar()).validator
+    modules = [run.network, run.bundle.unet, *run.bundle.text_encoders]
+    first = validator.loss(modules, run.optimizer)
+    torch.manual_seed(123)  # the training RNG must not matter
+    second = validator.loss(modules, run.optimizer)
+    assert first == second and np.isfinite(first) and first > 0

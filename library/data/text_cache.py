@@ -9,7 +9,7 @@ and wildcards change it per step, so `text_cache_problems` reports them before a
 caption is the dataset's own pipeline (`process_caption`) run once, so prefix, suffix, keep-token separators
 and secondary separators come out exactly as in training.
 
-Disk files are kohya's `<image stem>_te_outputs.npz`: one float32 array per output key (without the batch
+Disk files are kohya's `<image stem>_te_outputs.npz` (FLUX: `_flux_te.npz`): one float32 array per output key (without the batch
 dimension), plus our keys `caption` and `cache_id`. A file is reused only when both match; a kohya file
 (without them) cannot be checked and is rewritten, as is any unreadable one.
 """
@@ -47,9 +47,9 @@ Outputs = dict[str, torch.Tensor]
 Encoder = Callable[[list[str]], Outputs]
 
 
-def te_npz_path(image_path: Path) -> Path:
+def te_npz_path(image_path: Path, file_suffix: str = NPZ_SUFFIX) -> Path:
     """kohya's name: `<image stem>_te_outputs.npz` next to the image."""
-    return image_path.with_name(image_path.stem + NPZ_SUFFIX)
+    return image_path.with_name(image_path.stem + file_suffix)
 
 
 def _random_options(subset: SubsetSpec) -> list[tuple[str, str]]:
@@ -128,7 +128,9 @@ def _fixed_captions(groups: Iterable[DatasetGroup]) -> list[tuple[Path, str]]:
     ]
 
 
-def _one_caption_per_file(pairs: list[tuple[Path, str]], flag: str) -> dict[Path, str]:
+def _one_caption_per_file(
+    pairs: list[tuple[Path, str]], flag: str, file_suffix: str = NPZ_SUFFIX
+) -> dict[Path, str]:
     """Image -> its caption; an image used with two captions (by two subsets) cannot have one disk file."""
     captions: dict[Path, str] = {}
     problems = []
@@ -137,7 +139,7 @@ def _one_caption_per_file(pairs: list[tuple[Path, str]], flag: str) -> dict[Path
         if known != caption:
             problems.append(
                 f"{image} is used with two captions ({known!r} and {caption!r}) but its "
-                f"{te_npz_path(image).name} holds one; cache in RAM (--cache_text_encoder_outputs instead of "
+                f"{te_npz_path(image, file_suffix).name} holds one; cache in RAM (--cache_text_encoder_outputs instead of "
                 f"{flag}) or give both subsets the same caption settings"
             )
     if problems:
@@ -156,10 +158,15 @@ def _holds(path: Path, caption: str, cache_id: str) -> bool:
         return False
 
 
-def check_text_cache(groups: list[DatasetGroup], cache_id: str) -> tuple[int, int]:
+def check_text_cache(
+    groups: list[DatasetGroup], cache_id: str, file_suffix: str = NPZ_SUFFIX
+) -> tuple[int, int]:
     """(valid files, images to encode) of the disk cache, for the plan; encodes and changes nothing."""
-    by_image = _one_caption_per_file(_fixed_captions(groups), "--cache_text_encoder_outputs_to_disk")
-    hits = sum(_holds(te_npz_path(image), caption, cache_id) for image, caption in by_image.items())
+    flag = "--cache_text_encoder_outputs_to_disk"
+    by_image = _one_caption_per_file(_fixed_captions(groups), flag, file_suffix)
+    hits = sum(
+        _holds(te_npz_path(image, file_suffix), caption, cache_id) for image, caption in by_image.items()
+    )
     return hits, len(by_image) - hits
 
 
@@ -243,6 +250,7 @@ def cache_text_outputs(
     dtype: torch.dtype = torch.float32,
     flag: str = "--cache_text_encoder_outputs",
     show_progress: bool = True,
+    file_suffix: str = NPZ_SUFFIX,
 ) -> TextEncoderCache:
     """Encode the fixed caption of every item of the groups (training and validation) once, in sorted batches.
 
@@ -256,13 +264,13 @@ def cache_text_outputs(
     if problems:
         raise UserError(*problems)
     pairs = _fixed_captions(groups)
-    by_image = _one_caption_per_file(pairs, flag) if to_disk else {}
+    by_image = _one_caption_per_file(pairs, flag, file_suffix) if to_disk else {}
     cache = TextEncoderCache()
     stale: list[Path] = []
     loaded: dict[Path, Outputs] = {}
     if to_disk:
         for image, caption in by_image.items():
-            outputs = read_npz(te_npz_path(image), caption, cache_id, dtype)
+            outputs = read_npz(te_npz_path(image, file_suffix), caption, cache_id, dtype)
             if outputs is None:
                 stale.append(image)
             else:
@@ -283,7 +291,7 @@ def cache_text_outputs(
         cache.entries.setdefault(by_image[image], outputs)
     for image in stale:
         caption = by_image[image]
-        write_npz(te_npz_path(image), cache.entries[caption], caption, cache_id)
+        write_npz(te_npz_path(image, file_suffix), cache.entries[caption], caption, cache_id)
     encoded = len(stale) if to_disk else len(wanted)
     cache.report = TextCacheReport(encoded=encoded, reused=len(loaded), to_disk=to_disk)
     return cache

@@ -68,6 +68,9 @@ class ModelFamily(Protocol):
     # encode_prompts' output keys per text encoder, e.g. FLUX (("l_pooled",), ("t5_out", "t5_attn_mask")): with
     # --cache_text_encoder_outputs a trained encoder's keys are computed live, the others come from the cache.
     text_encoder_outputs: tuple[tuple[str, ...], ...]
+    text_cache_file_suffix: (
+        str  # kohya's text-encoder cache file: "_te_outputs.npz" (SD, SDXL), "_flux_te.npz"
+    )
     snr_weighting_supported: (
         bool  # a DDPM schedule: min-SNR, debiased, v-pred loss scaling, zero terminal SNR
     )

@@ -155,7 +155,9 @@ class FluxFamily:
     tokenizer_flags = ("--tokenizer_path", "--tokenizer_2_path")  # CLIP-L, T5
     clip_skip_supported = False
     weighted_captions_supported = False
-    text_encoder_outputs = (("l_pooled",), ("t5_out", "t5_attn_mask"))
+    # txt_ids and apply_t5_attn_mask ride along so that kohya reads (and validates) our cache files
+    text_encoder_outputs = (("l_pooled",), ("t5_out", "t5_attn_mask", "txt_ids", "apply_t5_attn_mask"))
+    text_cache_file_suffix = "_flux_te.npz"
     snr_weighting_supported = False
     option_names = (
         "clip_l",

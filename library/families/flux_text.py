@@ -150,4 +150,7 @@ def encode_flux_prompts(
         ids, mask = ids.to(t5_device, non_blocking=True), mask.to(t5_device, non_blocking=True)
         hidden = t5(ids, attention_mask=mask if apply_t5_attn_mask else None).last_hidden_state
         out["t5_out"], out["t5_attn_mask"] = hidden, mask.to(hidden.dtype)
+        # kohya's cache keys: zero text position ids and the mask flag its loader checks
+        out["txt_ids"] = torch.zeros(*ids.shape, 3, device=t5_device, dtype=hidden.dtype)
+        out["apply_t5_attn_mask"] = torch.full((ids.shape[0],), float(apply_t5_attn_mask), device=t5_device)
     return out

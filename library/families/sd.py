@@ -236,6 +236,7 @@ class StableDiffusionFamily:
     option_names: tuple[str, ...] = ()
     weighted_captions_supported = True
     text_encoder_outputs: tuple[tuple[str, ...], ...] = (("encoder_hidden_states",),)
+    text_cache_file_suffix = "_te_outputs.npz"
     snr_weighting_supported = True
     script = "train_network.py"
 

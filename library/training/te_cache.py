@@ -99,7 +99,9 @@ def plan_line(config: TrainConfig, family: ModelFamily, dataset: Any) -> str | N
         count = distinct_captions(groups)
         return f"Text-encoder output cache (RAM): {count} distinct captions will be encoded once loaded"
     max_token_length = None if config.max_token_length in (None, 75) else config.max_token_length
-    hits, misses = check_text_cache(groups, cache_id_for(config, family, max_token_length))
+    hits, misses = check_text_cache(
+        groups, cache_id_for(config, family, max_token_length), family.text_cache_file_suffix
+    )
     return f"Text-encoder output cache (disk): {hits} valid cache files reused, {misses} images to encode"
 
 
@@ -161,6 +163,7 @@ def cache_text_encoder_outputs_if_needed(
         batch_size=max(ds.spec.batch_size for group in groups for ds in group.datasets),
         dtype=dtype,
         flag=cache_flag(config),
+        file_suffix=family.text_cache_file_suffix,
     )
     log.info("%s", cache.report)
     for te in bundle.text_encoders:

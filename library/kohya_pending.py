@@ -11,14 +11,10 @@ from typing import Any
 # option -> the value kohya uses when the option is absent
 PENDING: dict[str, Any] = {
     # precision and memory
-    "fp8_base": False,
-    "fp8_base_unet": False,
     "mem_eff_attn": False,
     "torch_compile": False,
     "dynamo_backend": "inductor",
-    "cpu_offload_checkpointing": False,
     "fused_backward_pass": False,
-    "blocks_to_swap": None,
     "disable_mmap_load_safetensors": False,  # sdxl_train_network.py
     # optimizer and schedule
     # network

@@ -362,6 +362,7 @@ def validate(config: TrainConfig) -> list[str]:
         )
     _check_loss_noise(config, problems)
     _check_flow(config, problems)
+    _check_memory(config, problems)
     _check_existing_outputs(config, problems)
     return problems
 
@@ -406,6 +407,23 @@ def _check_optim(config: TrainConfig, problems: list[str]) -> None:
         if value is not None and value <= 0:
             problems.append(f"--{name} must be positive, got {value}")
     problems.extend(optim.check_full_precision(config.full_fp16, config.full_bf16, config.mixed_precision))
+
+
+def _check_memory(config: TrainConfig, problems: list[str]) -> None:
+    """--fp8_base(_unet), --blocks_to_swap, --cpu_offload_checkpointing (which families take them: preflight)."""
+    from library.memory.fp8 import fp8_problems
+
+    problems.extend(fp8_problems(config.fp8_base, config.fp8_base_unet, config.mixed_precision))
+    if config.blocks_to_swap is not None and config.blocks_to_swap < 0:
+        problems.append(f"--blocks_to_swap must be 0 or more, got {config.blocks_to_swap}")
+    if config.cpu_offload_checkpointing and not config.gradient_checkpointing:
+        problems.append(
+            "--cpu_offload_checkpointing needs --gradient_checkpointing (it changes where checkpoints live)"
+        )
+    if config.cpu_offload_checkpointing and config.blocks_to_swap:
+        problems.append(
+            "--cpu_offload_checkpointing and --blocks_to_swap exclude each other (as in kohya); pick one"
+        )
 
 
 def validate_or_raise(config: TrainConfig) -> None:

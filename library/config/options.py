@@ -331,6 +331,26 @@ class TrainConfig(LossNoiseOptions, FlowMatchingOptions):
         "LoRA parameters and gradients in bf16 (needs --mixed_precision bf16; saves memory)",
     )
     no_half_vae: bool = flag(False, "precision", "keep the VAE in float32")
+    fp8_base: bool = flag(
+        False,
+        "precision",
+        "store the base model's Linear weights (denoiser and text encoders) as float8_e4m3fn, computed in the "
+        "mixed-precision dtype (needs --mixed_precision bf16/fp16)",
+    )
+    fp8_base_unet: bool = flag(
+        False, "precision", "like --fp8_base for the denoiser (UNet / transformer) only"
+    )
+    blocks_to_swap: int | None = flag(
+        None,
+        "precision",
+        "FLUX: keep this many transformer blocks in CPU memory and bring each to the GPU just before use "
+        "(N//2 double + 2*(N - N//2) single blocks, as kohya); a no-op with a message on CPU",
+    )
+    cpu_offload_checkpointing: bool = flag(
+        False,
+        "precision",
+        "FLUX: with --gradient_checkpointing, hold each block's saved input in CPU memory until backward",
+    )
     xformers: bool = flag(False, "precision", "xformers attention (optional package)")
     sdpa: bool = flag(False, "precision", "PyTorch scaled-dot-product attention (the default anyway)")
     lowram: bool = flag(False, "precision", "accepted for kohya compatibility; loading is already low-RAM")

@@ -68,12 +68,11 @@ class ModelFamily(Protocol):
     # encode_prompts' output keys per text encoder, e.g. FLUX (("l_pooled",), ("t5_out", "t5_attn_mask")): with
     # --cache_text_encoder_outputs a trained encoder's keys are computed live, the others come from the cache.
     text_encoder_outputs: tuple[tuple[str, ...], ...]
-    text_cache_file_suffix: (
-        str  # kohya's text-encoder cache file: "_te_outputs.npz" (SD, SDXL), "_flux_te.npz"
-    )
-    snr_weighting_supported: (
-        bool  # a DDPM schedule: min-SNR, debiased, v-pred loss scaling, zero terminal SNR
-    )
+    # kohya's text-encoder cache file: "_te_outputs.npz" (SD, SDXL), "_flux_te.npz"
+    text_cache_file_suffix: str
+    # a DDPM schedule: min-SNR, debiased, v-pred loss scaling, zero terminal SNR
+    snr_weighting_supported: bool
+    block_swap_supported: bool  # --blocks_to_swap / --cpu_offload_checkpointing (transformer families)
     # TrainConfig options only this family reads (e.g. FLUX's --clip_l, --guidance_scale). `inspect` gets their
     # values; shared code rejects them for families that do not list them. Recorded as ss_<name> metadata.
     option_names: tuple[str, ...]
@@ -161,6 +160,10 @@ class ModelFamily(Protocol):
         self, bundle: ModelBundle, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         """One denoiser forward."""
+
+    def swap_plan(self, bundle: ModelBundle, blocks_to_swap: int) -> list[tuple[Any, int]]:
+        """--blocks_to_swap N: (block list, how many of its last blocks to swap) per list; UserError when N is
+        too large. Only for families with `block_swap_supported`."""
 
     def sample_images(
         self,

@@ -158,6 +158,7 @@ class FluxFamily:
     # txt_ids and apply_t5_attn_mask ride along so that kohya reads (and validates) our cache files
     text_encoder_outputs = (("l_pooled",), ("t5_out", "t5_attn_mask", "txt_ids", "apply_t5_attn_mask"))
     text_cache_file_suffix = "_flux_te.npz"
+    block_swap_supported = True
     snr_weighting_supported = False
     option_names = (
         "clip_l",
@@ -388,6 +389,18 @@ class FluxFamily:
         )
         pred, _ = apply_model_prediction_type(pred, noisy, sigmas, self._flow(bundle))
         return pred
+
+    def swap_plan(self, bundle: ModelBundle, blocks_to_swap: int) -> list[tuple[Any, int]]:
+        """kohya's split: N//2 double blocks and 2 * (N - N//2) single blocks (a double block is about twice a
+        single one)."""
+        double, single = bundle.unet.transformer_blocks, bundle.unet.single_transformer_blocks
+        n_double, n_single = blocks_to_swap // 2, 2 * (blocks_to_swap - blocks_to_swap // 2)
+        if n_double > len(double) or n_single > len(single):
+            raise UserError(
+                f"--blocks_to_swap {blocks_to_swap}: this model has {len(double)} double and {len(single)} single "
+                "blocks, and kohya's split swaps N//2 double and 2*(N - N//2) single blocks: use a smaller number"
+            )
+        return [(double, n_double), (single, n_single)]
 
     def sample_images(
         self,

@@ -237,6 +237,7 @@ class StableDiffusionFamily:
     weighted_captions_supported = True
     text_encoder_outputs: tuple[tuple[str, ...], ...] = (("encoder_hidden_states",),)
     text_cache_file_suffix = "_te_outputs.npz"
+    block_swap_supported = False
     snr_weighting_supported = True
     script = "train_network.py"
 
@@ -381,6 +382,9 @@ class StableDiffusionFamily:
         self, bundle: ModelBundle, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         return bundle.unet(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+
+    def swap_plan(self, bundle: ModelBundle, blocks_to_swap: int) -> list[tuple[Any, int]]:
+        raise UserError("--blocks_to_swap: only for transformer (DiT) models such as FLUX.1")
 
     def sample_images(
         self,

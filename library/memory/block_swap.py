@@ -246,3 +246,17 @@ def move_except_swapped(model: nn.Module, swapper: BlockSwapper, blocks: nn.Modu
     skip = {id(t) for b in list(blocks)[swapper.first_swapped :] for t in _frozen_tensors(b)}
     # Module._apply is what Module.to uses (it also handles devices whose tensors cannot share a Parameter).
     model._apply(lambda t: t if id(t) in skip else t.to(swapper.device))
+
+
+def move_all_except_swapped(
+    model: nn.Module, pairs: list[tuple[BlockSwapper, nn.ModuleList]], device: torch.device
+) -> None:
+    """`move_except_swapped` for several block lists (FLUX's double and single blocks) at once."""
+    skip = {
+        id(t)
+        for swapper, blocks in pairs
+        if swapper.active
+        for b in list(blocks)[swapper.first_swapped :]
+        for t in _frozen_tensors(b)
+    }
+    model._apply(lambda t: t if id(t) in skip else t.to(device))

@@ -99,8 +99,8 @@ def training_metadata(
         "ss_max_token_length": config.max_token_length,
         "ss_mixed_precision": mixed_precision,  # what ran: fp16 falls back to "no" on CPU
         "ss_full_fp16": bool(config.full_fp16),
-        "ss_fp8_base": False,
-        "ss_fp8_base_unet": False,
+        "ss_fp8_base": bool(config.fp8_base),
+        "ss_fp8_base_unet": bool(config.fp8_base_unet),
         "ss_lowram": config.lowram,
         "ss_cache_latents": config.cache_latents or config.cache_latents_to_disk,
         "ss_network_module": config.network_module,

@@ -160,6 +160,15 @@ def check_family_flags(config: TrainConfig, family: ModelFamily) -> None:
             f"{flag} needs --network_train_unet_only: a text-encoder LoRA changes the text encoder's outputs "
             "at every step, so they cannot be cached; add --network_train_unet_only or remove " + flag
         )
+    if not family.block_swap_supported:
+        for flag, value in (
+            ("--blocks_to_swap", config.blocks_to_swap),
+            ("--cpu_offload_checkpointing", config.cpu_offload_checkpointing),
+        ):
+            if value:
+                problems.append(
+                    f"{flag}: only for transformer (DiT) models such as FLUX.1, not {family.script}"
+                )
     if config.weighted_captions and not family.weighted_captions_supported:
         problems.append(
             f"--weighted_captions: {family.script} has no caption weighting (kohya: SD and SDXL only)"

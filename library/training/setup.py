@@ -14,6 +14,7 @@ from library.families.base import ModelFamily
 from library.training import optim
 from library.training import run as R
 from library.training.losses import LossOptions
+from library.training.memory_setup import apply_fp8, enable_checkpointing, place_denoiser
 from library.training.metadata import training_metadata
 from library.training.noise import NoiseOptions
 from library.training.preflight import preflight
@@ -29,6 +30,7 @@ SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16"
 
 def _configure_model(
     config: TrainConfig,
+    family: ModelFamily,
     bundle,
     device: torch.device,
     weight_dtype: torch.dtype,
@@ -36,7 +38,7 @@ def _configure_model(
     live_text_encoders: tuple[int, ...] = (),
 ) -> None:
     # The family loaded the weights in weight_dtype already; only the device changes here.
-    bundle.unet.to(device)
+    place_denoiser(config, family, bundle, device)
     for index, te in enumerate(bundle.text_encoders):
         # Cached outputs replace the frozen text encoders, which stay on the CPU; a trained one runs live.
         if not caching_text(config) or index in live_text_encoders:
@@ -44,7 +46,7 @@ def _configure_model(
     if config.xformers:
         bundle.unet.enable_xformers_memory_efficient_attention()
     if config.gradient_checkpointing:
-        bundle.unet.enable_gradient_checkpointing()
+        enable_checkpointing(config, bundle)
         bundle.unet.train()  # diffusers only checkpoints in train mode; the SD UNet has no dropout
         if train_te:
             for te in bundle.text_encoders:
@@ -148,6 +150,7 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
     weight_dtype = R.weight_dtype_for(accelerator.mixed_precision)
 
     bundle = R.load_bundle(config, family, info, weight_dtype)
+    apply_fp8(config, bundle)
     if config.zero_terminal_snr:
         family.enforce_zero_terminal_snr(bundle)
     cached = R.cache_latents_if_needed(config, family, bundle, dataset, device)
@@ -172,7 +175,7 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
     if config.full_fp16 or config.full_bf16:
         _half_network(network, accelerator, weight_dtype, config.full_fp16)
     live = live_text_encoders(config, family, network, train_te)
-    _configure_model(config, bundle, device, weight_dtype, train_te, live)
+    _configure_model(config, family, bundle, device, weight_dtype, train_te, live)
 
     te_lr = list(config.text_encoder_lr) or None  # one value, or one per text encoder (SDXL: TE1, TE2)
     groups, lr_names = network.prepare_optimizer_params(te_lr, config.unet_lr, config.learning_rate)

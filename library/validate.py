@@ -414,6 +414,8 @@ def _check_memory(config: TrainConfig, problems: list[str]) -> None:
     from library.memory.fp8 import fp8_problems
 
     problems.extend(fp8_problems(config.fp8_base, config.fp8_base_unet, config.mixed_precision))
+    if config.text_encoder_batch_size is not None and config.text_encoder_batch_size < 1:
+        problems.append(f"--text_encoder_batch_size must be positive, got {config.text_encoder_batch_size}")
     if config.blocks_to_swap is not None and config.blocks_to_swap < 0:
         problems.append(f"--blocks_to_swap must be 0 or more, got {config.blocks_to_swap}")
     if config.cpu_offload_checkpointing and not config.gradient_checkpointing:

@@ -88,4 +88,11 @@ def test_memory_flags_are_checked_up_front(
     assert error_lines(capsys)[0].startswith(
         "error: --blocks_to_swap 3: this model has 2 double and 2 single blocks"
     )
+    assert (
+        run_flux(
+            _args(tiny_flux, dataset, out, "--cache_text_encoder_outputs", "--text_encoder_batch_size", "0")
+        )
+        == 2
+    )
+    assert error_lines(capsys) == ["error: --text_encoder_batch_size must be positive, got 0"]
     assert not out.exists()

@@ -331,6 +331,12 @@ class TrainConfig(LossNoiseOptions, FlowMatchingOptions):
         "LoRA parameters and gradients in bf16 (needs --mixed_precision bf16; saves memory)",
     )
     no_half_vae: bool = flag(False, "precision", "keep the VAE in float32")
+    text_encoder_batch_size: int | None = flag(
+        None,
+        "precision",
+        "captions per text-encoder batch while caching text-encoder outputs (default: the largest dataset "
+        "batch size)",
+    )
     fp8_base: bool = flag(
         False,
         "precision",

@@ -160,7 +160,8 @@ def cache_text_encoder_outputs_if_needed(
         encode,
         cache_id=cache_id_for(config, family, max_token_length),
         to_disk=config.cache_text_encoder_outputs_to_disk,
-        batch_size=max(ds.spec.batch_size for group in groups for ds in group.datasets),
+        batch_size=config.text_encoder_batch_size
+        or max(ds.spec.batch_size for group in groups for ds in group.datasets),
         dtype=dtype,
         flag=cache_flag(config),
         file_suffix=family.text_cache_file_suffix,

@@ -9,7 +9,8 @@ The bare loop is the floor: the same UNet/text encoders/LoRA (both text encoders
 concatenated, the pooled output of encoder 2 and the size `time_ids`, as the SDXL family predicts), fixed
 latents and token ids, forward + loss + backward + clip + AdamW step, nothing else.
 
-    python bench/bench_sdxl.py [--channels 64 128 256] [--steps 30] [--batch 2] [--resolution 128] [--repeats 1]
+    python bench/bench_sdxl.py [--channels 64 128 256] [--steps 30] [--batch 2] [--resolution 128]
+        [--repeats 1]
 
 `--real_unet_rss`: one training step of the real-size SDXL UNet (random weights) in a fresh process: bf16
 weights built without a float32 copy, gradient checkpointing, LoRA rank 16 on the UNet, autocast bf16,
@@ -18,7 +19,8 @@ weights loaded, peak RSS (ru_maxrss) and the step's seconds.
 
     python bench/bench_sdxl.py --real_unet_rss
 
-Target (loop mode): trainer steady-state step <= 1.05x the bare loop. Results print as a table and a JSON line.
+Target (loop mode): trainer steady-state step <= 1.05x the bare loop. Results print as a table line and a
+JSON line.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_train import make_dataset, per_step, run_trainer, trainer_args  # noqa: E402
 
-GIB = 1024**3
 REAL_LORA_RANK = 16
 # Real SDXL UNet: 2.57e9 parameters -> ~4.8 GiB in bf16; the step adds activations and LoRA/AdamW state.
 REAL_UNET_NEEDS_GIB = 12

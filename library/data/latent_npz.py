@@ -24,7 +24,6 @@ that resolution's keys and keeps the others; checking and reading look at the wa
 
 from __future__ import annotations
 
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from library.data.npz_io import save_npz_atomically
 from library.errors import UserError
 
 _KOHYA_KEYS = {"latents", "original_size", "crop_ltrb"}
@@ -209,16 +209,7 @@ def write_npz(
         own["alpha_mask"] = alpha_mask.numpy().astype(np.float32) / 255.0
     arrays = _other_resolutions(path, suffix) if multi_resolution else {}
     arrays.update({key + suffix: value for key, value in own.items()})
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(
-            f"cannot write latent cache {path}: {e.strerror or e}; check the folder is writable"
-        ) from None
+    save_npz_atomically(path, arrays, "latent cache")
 
 
 def read_cached(

@@ -17,7 +17,6 @@ dimension), plus our keys `caption` and `cache_id`. A file is reused only when b
 from __future__ import annotations
 
 import logging
-import os
 import random
 import zipfile
 from collections import Counter
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from library.data.captions import process_caption
+from library.data.npz_io import save_npz_atomically
 from library.errors import UserError
 
 if TYPE_CHECKING:
@@ -195,16 +195,7 @@ def write_npz(path: Path, outputs: Outputs, caption: str, cache_id: str) -> None
     """Atomically (temp file, then rename): an interrupted run never leaves a half-written file."""
     arrays = {k: v.detach().to("cpu", torch.float32).numpy() for k, v in outputs.items()}
     arrays.update(caption=np.array(caption), cache_id=np.array(cache_id))
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(
-            f"cannot write text-encoder cache {path}: {e.strerror or e}; check the folder is writable"
-        ) from None
+    save_npz_atomically(path, arrays, "text-encoder cache")
 
 
 def _signature(outputs: Outputs) -> tuple:

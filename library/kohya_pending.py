@@ -18,9 +18,6 @@ PENDING: dict[str, Any] = {
     "disable_mmap_load_safetensors": False,  # sdxl_train_network.py
     # optimizer and schedule
     # network
-    "dim_from_weights": False,
-    "base_weights": None,
-    "base_weights_multiplier": None,
     # dataset and captions
     "dataset_class": None,
     # saving, resuming, logging

@@ -147,8 +147,29 @@ def _check_network(config: TrainConfig, problems: list[str]) -> None:
                 parse(config.network_args)
             except UserError as exc:
                 problems.extend(exc.problems)
+                return
+            # Checks across flags (e.g. DyLoRA's unit must divide --network_dim).
+            more = getattr(mod, "network_problems", None)
+            if more is not None:
+                problems.extend(more(config.network_dim, config.network_dropout, config.network_args))
             return
     problems.extend(parse_key_values(config.network_args, "--network_args")[1])
+
+
+def _check_weight_files(config: TrainConfig, problems: list[str]) -> None:
+    """--dim_from_weights and --base_weights / --base_weights_multiplier."""
+    if config.dim_from_weights and not config.network_weights:
+        problems.append(
+            "--dim_from_weights: needs --network_weights FILE (the ranks and alphas come from it)"
+        )
+    for path in config.base_weights or []:
+        _exists(path, "--base_weights", problems, kind="file", fix="pass existing LoRA files")
+    multipliers = config.base_weights_multiplier
+    if multipliers is not None and len(multipliers) != len(config.base_weights or []):
+        problems.append(
+            f"--base_weights_multiplier: {len(multipliers)} value(s) for {len(config.base_weights or [])} "
+            "--base_weights file(s); give one per file, or none for 1.0 each"
+        )
 
 
 def _check_existing_outputs(config: TrainConfig, problems: list[str]) -> None:
@@ -356,6 +377,7 @@ def validate(config: TrainConfig) -> list[str]:
         )
     _check_optim(config, problems)
     _check_network(config, problems)
+    _check_weight_files(config, problems)
     if config.xformers and importlib.util.find_spec("xformers") is None:
         problems.append(
             "--xformers: the xformers package is not installed; pip install xformers, or use --sdpa"

@@ -22,6 +22,7 @@ from library.errors import UserError
 from networks.flux_args import family_arg_problems
 from networks.key_aliases import alias_map, to_kohya_keys
 from networks.lora_args import NETWORK_ARGS, LoRAOptions, family_problems, lora_options, parse_network_args
+from networks.lora_blocks import BlockPlan, block_arg_problems, block_index, block_plan
 from networks.lora_file import load_lora_file
 from networks.lora_group import make_lora_module
 from networks.lora_module import LoRAModule
@@ -74,6 +75,7 @@ class LoRANetwork(nn.Module):
         text_encoder_list = _as_list(text_encoders)
         self.table: TargetTable = select_table(unet, text_encoder_list)
         wrong_family = family_arg_problems(opts.given(), self.table.name)
+        wrong_family += block_arg_problems(opts.given(), self.table.name)
         if wrong_family:
             raise UserError(*wrong_family)
         self._options = opts
@@ -83,6 +85,10 @@ class LoRANetwork(nn.Module):
         self.conv_alpha = (
             (opts.conv_alpha if opts.conv_alpha is not None else 1.0) if self.conv_lora_dim else None
         )
+        # With modules_dim (a file's shapes) only the plan's lr weights matter.
+        self.block_plan: BlockPlan | None = block_plan(
+            self.table.name, opts, lora_dim, alpha, self.conv_lora_dim, self.conv_alpha
+        )
         self.loraplus_lr_ratio = opts.loraplus_lr_ratio
         self.loraplus_unet_lr_ratio = opts.loraplus_unet_lr_ratio
         self.loraplus_text_encoder_lr_ratio = opts.loraplus_text_encoder_lr_ratio
@@ -91,8 +97,12 @@ class LoRANetwork(nn.Module):
         self.unet_loras: list[LoRAModule] = []
 
         from_weights = modules_dim is not None
+        block_conv = self.block_plan is not None and self.block_plan.conv_dims is not None
         candidates = find_targets(
-            self.table, unet, text_encoder_list, include_conv_classes=from_weights or bool(self.conv_lora_dim)
+            self.table,
+            unet,
+            text_encoder_list,
+            include_conv_classes=from_weights or bool(self.conv_lora_dim) or block_conv,
         )
         # Other tools' spellings of these modules' keys, for load_weights (kept out of the state dict).
         self.key_aliases = alias_map(candidates)
@@ -100,19 +110,7 @@ class LoRANetwork(nn.Module):
             shape = self._shape_for(target, modules_dim, modules_alpha)
             if shape is None:
                 continue
-            lora = make_lora_module(
-                target.name,
-                target.parts or (target.module,),
-                multiplier,
-                shape[0],
-                shape[1],
-                split=bool(opts.split_qkv),
-                from_file=from_weights,
-                dropout=opts.dropout,
-                rank_dropout=opts.rank_dropout,
-                module_dropout=opts.module_dropout,
-                te_index=target.te_index if target.component == "text_encoder" else None,
-            )
+            lora = self._new_module(target, shape[0], shape[1], from_weights)
             (self.text_encoder_loras if target.component == "text_encoder" else self.unet_loras).append(lora)
             self.add_module(target.name, lora)
         logger.info(
@@ -125,6 +123,23 @@ class LoRANetwork(nn.Module):
             for lora in self.all_loras:
                 logger.info("  %-60s rank %d, alpha %g", lora.lora_name, lora.lora_dim, float(lora.alpha))
 
+    def _new_module(self, target: Target, rank: int, alpha: float | None, from_weights: bool) -> LoRAModule:
+        """The module for one target; variants (networks.dylora) override this."""
+        opts = self._options
+        return make_lora_module(
+            target.name,
+            target.parts or (target.module,),
+            self.multiplier,
+            rank,
+            alpha,
+            split=bool(opts.split_qkv),
+            from_file=from_weights,
+            dropout=opts.dropout,
+            rank_dropout=opts.rank_dropout,
+            module_dropout=opts.module_dropout,
+            te_index=target.te_index if target.component == "text_encoder" else None,
+        )
+
     def _shape_for(
         self, target: Target, modules_dim: Mapping[str, int] | None, modules_alpha: Mapping[str, float] | None
     ) -> tuple[int, float | None] | None:
@@ -135,6 +150,8 @@ class LoRANetwork(nn.Module):
             rank = modules_dim[target.name]
             # Files without alpha mean alpha = rank (what every consumer assumes).
             return rank, (modules_alpha or {}).get(target.name, float(rank))
+        if self.block_plan is not None and target.component == "unet":
+            return self.block_plan.rank_for(target.name, conv=target.kind == "conv")
         if target.kind == "conv":
             return (self.conv_lora_dim, self.conv_alpha) if self.conv_lora_dim else None
         # As kohya: Linear and 1x1 convs get the base rank, even inside the LoCon classes.
@@ -212,7 +229,15 @@ class LoRANetwork(nn.Module):
         if self.unet_loras:
             ratio = self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
             lr = unet_lr if unet_lr is not None else default_lr
-            self._add_groups(groups, names, self.unet_loras, lr, ratio, "unet")
+            weights = self.block_plan.lr_weights if self.block_plan is not None else None
+            if weights is None:
+                self._add_groups(groups, names, self.unet_loras, lr, ratio, "unet")
+            else:  # kohya's block-wise lr: one group per block, logged as unet_block<N>
+                by_block: dict[int, list[LoRAModule]] = {}
+                for lora in self.unet_loras:
+                    by_block.setdefault(block_index(lora.lora_name, self.block_plan.sdxl), []).append(lora)
+                for index, loras in by_block.items():
+                    self._add_groups(groups, names, loras, lr * weights[index], ratio, f"unet_block{index}")
         return groups, names
 
     def _text_encoder_lrs(
@@ -335,8 +360,9 @@ class LoRANetwork(nn.Module):
         for lora in loras:
             norm = lora.delta_weight().float().norm().clamp(min=max_norm_value / 2)
             ratio = norm.clamp(max=max_norm_value) / norm
-            lora.lora_up.weight.mul_(ratio.sqrt().to(lora.lora_up.weight.dtype))
-            lora.lora_down.weight.mul_(ratio.sqrt().to(lora.lora_down.weight.dtype))
+            # Parameters rather than .weight: DyLoRA keeps its weights as rank chunks.
+            for param in (*lora.lora_up.parameters(), *lora.lora_down.parameters()):
+                param.mul_(ratio.sqrt().to(param.dtype))
             norms.append(norm * ratio)
             scaled.append(ratio != 1)
         return torch.stack(

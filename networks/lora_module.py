@@ -117,11 +117,15 @@ class LoRAModule(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """Full ΔW = up @ down * scale in the base weight's layout (without the multiplier)."""
-        down, up = self.lora_down.weight, self.lora_up.weight
-        if down.dim() == 2:
-            w = up @ down
-        elif down.shape[2:] == (1, 1):
-            w = (up.flatten(1) @ down.flatten(1))[:, :, None, None]
-        else:  # k x k conv followed by 1x1: compose by convolving the down kernel with the up matrix
-            w = F.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
-        return w * self.scale
+        return lora_delta(self.lora_down.weight, self.lora_up.weight, self.scale)
+
+
+def lora_delta(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """ΔW = up @ down * scale from a LoRA's factors (Linear, 1x1 or k x k LoCon conv), as kohya computes it."""
+    if down.dim() == 2:
+        w = up.flatten(1) @ down  # a 1x1-conv up over a Linear down (kohya's linear/conv mismatch) flattens
+    elif down.shape[2:] == (1, 1):
+        w = (up.flatten(1) @ down.flatten(1))[:, :, None, None]
+    else:  # k x k conv followed by 1x1: compose by convolving the down kernel with the up matrix
+        w = F.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+    return w * scale

@@ -357,7 +357,9 @@ def test_network_args(tiny_sd1_dir: Path, data: Path, tmp_path: Path, capsys, no
     assert run_errors(argv, capsys) == [
         "--network_args conv_dim=abc: must be an integer >= 0",
         "--network_args foo: unknown for networks.lora; accepted: conv_dim, conv_alpha, dropout, rank_dropout, "
-        "module_dropout, loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio; FLUX.1 also: "
+        "module_dropout, loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio, block_dims, "
+        "block_alphas, conv_block_dims, conv_block_alphas, down_lr_weight, mid_lr_weight, up_lr_weight, "
+        "block_lr_zero_threshold; FLUX.1 also: "
         "train_blocks, img_attn_dim, txt_attn_dim, img_mlp_dim, txt_mlp_dim, img_mod_dim, txt_mod_dim, "
         "single_dim, single_mod_dim, in_dims, train_double_block_indices, train_single_block_indices, "
         "train_t5xxl, split_qkv, verbose",

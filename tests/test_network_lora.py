@@ -316,7 +316,7 @@ def test_network_args_errors(tiny):
         "loraplus_lr_ratio": "16",
     }
     with pytest.raises(UserError) as err:
-        parse_network_args(["conv_dims=4", "conv_dim", "conv_alpha=x", "block_dims=1,2", "rank_dropout=1.5"])
+        parse_network_args(["conv_dims=4", "conv_dim", "conv_alpha=x", "ggpo_sigma=1", "rank_dropout=1.5"])
     problems = err.value.problems
     assert len(problems) == 5
     assert (
@@ -325,7 +325,7 @@ def test_network_args_errors(tiny):
     )
     assert "expected key=value" in problems[1]
     assert "conv_alpha=x: must be a number >= 0" in problems[2]
-    assert "block_dims: a kohya lora.py option this suite does not support yet" in problems[3]
+    assert "ggpo_sigma: a kohya lora.py option this suite does not support yet" in problems[3]
     assert "rank_dropout=1.5: must be a number in [0, 1)" in problems[4]
     with pytest.raises(UserError, match='did you mean "loraplus_lr_ratio"'):
         _net(tiny, loraplus_lr_ratoi="4")

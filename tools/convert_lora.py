@@ -1,6 +1,11 @@
-"""Convert a FLUX.1 LoRA between kohya's layout and the diffusers / AI-Toolkit layout.
+"""Convert a LoRA (SD 1.x/2.x, SDXL, FLUX.1) between kohya's layout and the diffusers/PEFT (AI-Toolkit) layout.
 
     python tools/convert_lora.py IN.safetensors OUT.safetensors [--to diffusers|kohya] [--overwrite]
+
+SD/SDXL: kohya (`lora_unet_…`, `lora_te_…`/`lora_te1_…`/`lora_te2_…`, alpha) <-> diffusers/PEFT
+(`unet.<path>.lora_A.weight`, `text_encoder.text_model.…`, `text_encoder_2.…`, alpha/rank baked into lora_B;
+what diffusers' `load_lora_weights` reads as is); see networks/sd_convert.py. The family is read from the
+keys (and the metadata). FLUX.1:
 
 kohya (`lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`, `.alpha`; what this suite, kohya's
 sd-scripts, ComfyUI and Forge use) <-> diffusers (`transformer.transformer_blocks.0.attn.to_q.lora_A.weight`,
@@ -23,15 +28,22 @@ if str(ROOT) not in sys.path:
 def convert_file(source: Path, dest: Path, to: str | None = None, overwrite: bool = False) -> str:
     """Convert `source` into `dest`; returns the layout written ("diffusers" or "kohya")."""
     from library.errors import UserError
-    from networks.flux_convert import convert
+    from networks import flux_convert, sd_convert
     from networks.lora_file import load_lora_file, save_lora_file
+    from networks.ops.family_tables import detect_family
 
     if dest.exists() and not overwrite:
         raise UserError(f"{dest}: already exists; pass --overwrite to replace it")
     if dest.resolve() == source.resolve():
         raise UserError(f"{dest}: the output must differ from the input")
     state, metadata = load_lora_file(source)
-    converted, layout = convert(state, to)
+    family, _ = detect_family(state, metadata)
+    if family is None:
+        raise UserError(f"{source}: cannot tell which model family this LoRA is for (no known module names)")
+    if family == "flux":
+        converted, layout = flux_convert.convert(state, to)
+    else:
+        converted, layout = sd_convert.convert(state, family, to)
     kept = {k: v for k, v in metadata.items() if not k.startswith("sshs_")}  # hashes are rewritten on save
     save_lora_file(dest, converted, kept)
     return layout

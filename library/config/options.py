@@ -222,6 +222,17 @@ class TrainConfig(LossNoiseOptions, FlowMatchingOptions):
     network_weights: str | None = flag(
         None, "network", "start from these LoRA weights (keys must match exactly)"
     )
+    dim_from_weights: bool = flag(
+        False,
+        "network",
+        "take every module's rank and alpha from --network_weights (which it then continues)",
+    )
+    base_weights: list[str] | None = flag(
+        None, "network", "LoRA files merged into the frozen base model before training", nargs="*"
+    )
+    base_weights_multiplier: list[float] | None = flag(
+        None, "network", "one multiplier per --base_weights file (default 1.0 each)", nargs="*"
+    )
     unet_lr: float | None = flag(None, "network", "learning rate of the UNet LoRA (default: --learning_rate)")
     text_encoder_lr: list[float] = flag(
         [], "network", "learning rate of the text-encoder LoRA (default: --learning_rate)", nargs="*"

@@ -107,9 +107,19 @@ def save_lora(run: Run, path: Path, progress: Progress) -> None:
     # Schedule-free optimizers: the averaged (eval) weights are the ones to use. States keep the training
     # point instead, so a resumed run continues exactly.
     with averaged_weights(run.optimizer):
-        state = run.network.state_dict_for_save(run.save_dtype)
+        state = network_state_for_save(run.network, run.save_dtype)
     save_lora_file(path, state, metadata, model_format=run.config.save_model_as)
     log.info("saved %s", path)
+
+
+def network_state_for_save(network: torch.nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Detached CPU tensors to save; third-party modules (LyCORIS) lack our `state_dict_for_save`."""
+    if hasattr(network, "state_dict_for_save"):
+        return network.state_dict_for_save(dtype)
+    return {
+        k: v.detach().to(device="cpu", dtype=dtype or v.dtype, copy=True).contiguous()
+        for k, v in network.state_dict().items()
+    }
 
 
 def save_training_state(run: Run, suffix: str, progress: Progress, kind: str = "last") -> None:

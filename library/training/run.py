@@ -258,16 +258,22 @@ def create_network(
         raw, _ = parse_key_values(config.network_args, "--network_args")
         net_kwargs = {k: str(v) for k, v in raw.items()}
     text_encoder = bundle.text_encoders[0] if len(bundle.text_encoders) == 1 else bundle.text_encoders
-    network = module.create_network(
-        1.0,
-        config.network_dim,
-        config.network_alpha,
-        bundle.vae,
-        text_encoder,
-        bundle.unet,
-        neuron_dropout=config.network_dropout,
-        **net_kwargs,
-    )
+    if config.dim_from_weights:  # ranks/alphas per module from the file, which load_weights then fills in
+        extra = {"dropout": config.network_dropout} if config.network_dropout is not None else {}
+        network, _ = module.create_network_from_weights(
+            1.0, config.network_weights, bundle.vae, text_encoder, bundle.unet, **{**extra, **net_kwargs}
+        )
+    else:
+        network = module.create_network(
+            1.0,
+            config.network_dim,
+            config.network_alpha,
+            bundle.vae,
+            text_encoder,
+            bundle.unet,
+            neuron_dropout=config.network_dropout,
+            **net_kwargs,
+        )
     network.apply_to(text_encoder, bundle.unet, train_te, train_unet)
     if config.network_weights:
         network.load_weights(config.network_weights)

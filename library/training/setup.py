@@ -150,6 +150,12 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
     weight_dtype = R.weight_dtype_for(accelerator.mixed_precision)
 
     bundle = R.load_bundle(config, family, info, weight_dtype)
+    if config.base_weights:  # before fp8 and before any cache, which must see the merged model
+        from networks.base_weights import merge_base_weights
+
+        merge_base_weights(
+            config.base_weights, config.base_weights_multiplier, bundle.text_encoders, bundle.unet
+        )
     apply_fp8(config, bundle)
     if config.zero_terminal_snr:
         family.enforce_zero_terminal_snr(bundle)

@@ -112,7 +112,7 @@ def test_peft_keys_keep_their_spelling():
     down, up, _ = spectrum_lora([2.0, 1.0])
     state = {"unet.a.to_q.lora_A.weight": down, "unet.a.to_q.lora_B.weight": up}
     resized, _ = resize_state(state, new_rank=1)
-    assert set(resized) == {"unet.a.to_q.lora_A.weight", "unet.a.to_q.lora_B.weight", "unet.a.to_q.alpha"}
+    assert set(resized) == {"unet.a.to_q.lora_A.weight", "unet.a.to_q.lora_B.weight"}  # no alpha added
     assert isinstance(split_modules(state)[0]["unet.a.to_q"], LoRAPair)
 
 
@@ -219,3 +219,5 @@ def test_svd_merge_cli(tmp_path: Path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert svd_merge_lora.main([*args[:5], "--save_to", str(tmp_path / "x.safetensors")]) == 2
     assert "--ratios: 1 values for 2 --models" in capsys.readouterr().err
+    assert svd_merge_lora.main([*args[:-1], str(tmp_path / "y.safetensors"), "--lbws", "[1,1]", "[1,1]"]) == 2
+    assert capsys.readouterr().err.startswith("error: --lbws: per-block merge weights are not implemented")

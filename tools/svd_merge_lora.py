@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="device for the SVD, e.g. cuda (default cpu)")
     parser.add_argument("--clamp_quantile", type=float, default=0.99, help="kohya's clamp; 1 = none")
     parser.add_argument("--no_metadata", action="store_true", help="no modelspec keys (ss_* minimum only)")
+    parser.add_argument("--lbws", nargs="*", help="kohya's per-block weights: not implemented (an error)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --save_to")
     return parser
 
@@ -54,6 +55,8 @@ def _problems(args: argparse.Namespace) -> list[str]:
         )
     if args.new_rank < 1 or (args.new_conv_rank is not None and args.new_conv_rank < 1):
         problems.append("--new_rank / --new_conv_rank: must be at least 1")
+    if args.lbws:
+        problems.append("--lbws: per-block merge weights are not implemented yet; merge without them")
     if not 0 < args.clamp_quantile <= 1:
         problems.append(f"--clamp_quantile {args.clamp_quantile}: must be in (0, 1]")
     return problems

@@ -199,7 +199,9 @@ def resize_state(
         limit = new_conv_rank if (pair.is_conv3x3 and new_conv_rank is not None) else new_rank
         down, up, info = resize_pair(pair, limit, method, param)
         out[pair.down_key], out[pair.up_key] = down.cpu(), up.cpu()
-        out[f"{name}.alpha"] = torch.tensor(info.new_alpha, dtype=torch.float32)
+        if pair.alpha is not None or pair.down_key.endswith(".lora_down.weight"):
+            # a PEFT file without alpha stays without (scale 1 = alpha rank'), so diffusers still loads it
+            out[f"{name}.alpha"] = torch.tensor(info.new_alpha, dtype=torch.float32)
         infos.append(info)
     return out, infos
 

@@ -23,18 +23,16 @@ def _args(files, data: Path, out: Path, *extra: str) -> list[str]:
 def _same(a: Path, b: Path, atol: float = 0.0) -> None:
     x, y = load_file(str(a)), load_file(str(b))
     assert x.keys() == y.keys()
-    for key in x:
-        torch.testing.assert_close(x[key], y[key], rtol=0, atol=atol, msg=key)
+    worst = max((x[k].float() - y[k].float()).abs().max().item() for k in x)
+    assert worst <= atol, worst
 
 
 def test_offloaded_checkpointing_trains_the_same_lora(tiny_flux, dataset: Path, tmp_path: Path):
-    plain = _args(tiny_flux, dataset, tmp_path / "plain", "--gradient_checkpointing")
-    assert run_flux(plain) == 0
-    offload = _args(
-        tiny_flux, dataset, tmp_path / "offload", "--gradient_checkpointing", "--cpu_offload_checkpointing"
-    )
-    assert run_flux(offload) == 0
-    # the same math; gradient sums may associate differently (measured max difference 3e-7)
+    # Plain SGD: Adam's normalisation would blow a 1e-9 gradient difference on a near-zero gradient up to lr.
+    sgd = ["--gradient_checkpointing", "--optimizer_type", "torch.optim.SGD", "--learning_rate", "0.1"]
+    assert run_flux(_args(tiny_flux, dataset, tmp_path / "plain", *sgd)) == 0
+    assert run_flux(_args(tiny_flux, dataset, tmp_path / "offload", *sgd, "--cpu_offload_checkpointing")) == 0
+    # the same math; gradient sums may associate differently
     _same(tmp_path / "plain" / "feat.safetensors", tmp_path / "offload" / "feat.safetensors", atol=1e-6)
 
 

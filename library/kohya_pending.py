@@ -12,9 +12,6 @@ from typing import Any
 PENDING: dict[str, Any] = {
     # precision and memory
     "mem_eff_attn": False,
-    "torch_compile": False,
-    "dynamo_backend": "inductor",
-    "fused_backward_pass": False,
     "disable_mmap_load_safetensors": False,  # sdxl_train_network.py
     # optimizer and schedule
     # network

@@ -385,6 +385,7 @@ def validate(config: TrainConfig) -> list[str]:
     _check_loss_noise(config, problems)
     _check_flow(config, problems)
     _check_memory(config, problems)
+    _check_compile_and_profile(config, problems)
     _check_existing_outputs(config, problems)
     return problems
 
@@ -429,6 +430,17 @@ def _check_optim(config: TrainConfig, problems: list[str]) -> None:
         if value is not None and value <= 0:
             problems.append(f"--{name} must be positive, got {value}")
     problems.extend(optim.check_full_precision(config.full_fp16, config.full_bf16, config.mixed_precision))
+    from library.training.fused import fused_problems
+
+    problems.extend(
+        fused_problems(
+            config.fused_backward_pass,
+            config.fused_optimizer_groups,
+            optimizer_type,
+            config.gradient_accumulation_steps,
+            config.mixed_precision,
+        )
+    )
 
 
 def _check_memory(config: TrainConfig, problems: list[str]) -> None:
@@ -448,6 +460,16 @@ def _check_memory(config: TrainConfig, problems: list[str]) -> None:
         problems.append(
             "--cpu_offload_checkpointing and --blocks_to_swap exclude each other (as in kohya); pick one"
         )
+
+
+def _check_compile_and_profile(config: TrainConfig, problems: list[str]) -> None:
+    from library.training.compile import backend_problems
+    from library.training.profiling import profile_steps_problems
+
+    problems.extend(backend_problems(config.torch_compile, config.dynamo_backend, config.blocks_to_swap))
+    # With epochs the step count depends on the dataset: preflight checks the range then.
+    known_steps = config.max_train_steps if config.max_train_epochs is None else None
+    problems.extend(profile_steps_problems(config.profile_steps, known_steps))
 
 
 def validate_or_raise(config: TrainConfig) -> None:

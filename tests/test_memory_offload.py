@@ -109,3 +109,28 @@ def test_no_grad_is_a_plain_call():
     with torch.no_grad():
         out = offloaded_checkpoint(block, img, txt)
     assert not out[0].requires_grad and torch.equal(out[0], block(img, txt)[0])
+
+
+def test_nested_and_keyword_tensors_get_their_gradients():
+    """diffusers' call shapes: None positionally, a tuple of tensors (FLUX's rotary table), keyword tensors."""
+    lin = nn.Linear(8, 8)
+
+    def block(x, mask, rotary, *, gate, scale=1.0):
+        assert mask is None
+        cos, sin = rotary
+        return torch.tanh(lin(x) * cos + sin) * gate * scale
+
+    def grads(checkpointed: bool):
+        lin.zero_grad()
+        g = torch.Generator().manual_seed(4)
+        x = torch.randn(3, 8, generator=g, requires_grad=True)
+        cos = torch.randn(8, generator=g)  # a shared constant: stays where it is
+        sin = torch.randn(8, generator=g, requires_grad=True)
+        gate_leaf = torch.randn(8, generator=g, requires_grad=True)
+        gate = gate_leaf * 2  # not a leaf, and used after the block too
+        call = (lambda *a, **k: offloaded_checkpoint(block, *a, **k)) if checkpointed else block
+        (call(x, None, (cos, sin), gate=gate, scale=0.5).square().sum() + gate.exp().sum()).backward()
+        return [x.grad, sin.grad, gate_leaf.grad, lin.weight.grad]
+
+    plain, ckpt = grads(False), grads(True)
+    assert all(c is not None and torch.equal(p, c) for p, c in zip(plain, ckpt, strict=True))

@@ -366,7 +366,38 @@ class TrainConfig(LossNoiseOptions, FlowMatchingOptions):
     cpu_offload_checkpointing: bool = flag(
         False,
         "precision",
-        "FLUX: with --gradient_checkpointing, hold each block's saved input in CPU memory until backward",
+        "with --gradient_checkpointing, hold each checkpointed block's saved inputs in CPU memory until "
+        "backward (every family; kohya's is FLUX only)",
+    )
+    torch_compile: bool = flag(
+        False,
+        "precision",
+        "compile each block of the denoiser with torch.compile (falls back to plain execution, with a "
+        "message, where the backend does not work)",
+    )
+    dynamo_backend: str = flag(
+        "inductor",
+        "precision",
+        "torch.compile backend for --torch_compile (inductor, aot_eager, cudagraphs, ...)",
+    )
+    profile_steps: str | None = flag(
+        None,
+        "logging",
+        "A-B: record a torch.profiler trace (CPU, and CUDA when used) of optimizer steps A to B (1-based) into "
+        "<logging_dir or output_dir>/profile/ as a Chrome trace (open in https://ui.perfetto.dev)",
+    )
+    fused_backward_pass: bool = flag(
+        False,
+        "precision",
+        "step the optimizer on each LoRA tensor inside backward and free its gradient at once, so all "
+        "gradients never coexist (AdamW/Adafactor/Lion/SGD; no gradient accumulation, not with fp16; "
+        "--max_grad_norm clips each tensor alone)",
+    )
+    fused_optimizer_groups: int | None = flag(
+        None,
+        "precision",
+        "like --fused_backward_pass, stepping the LoRA tensors in N groups, each as soon as all its gradients "
+        "are in; --max_grad_norm clips each group",
     )
     xformers: bool = flag(False, "precision", "xformers attention (optional package)")
     sdpa: bool = flag(False, "precision", "PyTorch scaled-dot-product attention (the default anyway)")

@@ -72,7 +72,7 @@ class ModelFamily(Protocol):
     text_cache_file_suffix: str
     # a DDPM schedule: min-SNR, debiased, v-pred loss scaling, zero terminal SNR
     snr_weighting_supported: bool
-    block_swap_supported: bool  # --blocks_to_swap / --cpu_offload_checkpointing (transformer families)
+    block_swap_supported: bool  # --blocks_to_swap (transformer families with a block list)
     # TrainConfig options only this family reads (e.g. FLUX's --clip_l, --guidance_scale). `inspect` gets their
     # values; shared code rejects them for families that do not list them. Recorded as ss_<name> metadata.
     option_names: tuple[str, ...]
@@ -164,6 +164,10 @@ class ModelFamily(Protocol):
     def swap_plan(self, bundle: ModelBundle, blocks_to_swap: int) -> list[tuple[Any, int]]:
         """--blocks_to_swap N: (block list, how many of its last blocks to swap) per list; UserError when N is
         too large. Only for families with `block_swap_supported`."""
+
+    def compile_blocks(self, bundle: ModelBundle) -> list[torch.nn.Module]:
+        """--torch_compile: the denoiser's blocks, each compiled on its own (in place, so module names, hooks
+        and LoRA keys stay as they are)."""
 
     def sample_images(
         self,

@@ -402,6 +402,9 @@ class FluxFamily:
             )
         return [(double, n_double), (single, n_single)]
 
+    def compile_blocks(self, bundle: ModelBundle) -> list[torch.nn.Module]:
+        return [*bundle.unet.transformer_blocks, *bundle.unet.single_transformer_blocks]
+
     def sample_images(
         self,
         bundle: ModelBundle,

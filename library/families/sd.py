@@ -386,6 +386,11 @@ class StableDiffusionFamily:
     def swap_plan(self, bundle: ModelBundle, blocks_to_swap: int) -> list[tuple[Any, int]]:
         raise UserError("--blocks_to_swap: only for transformer (DiT) models such as FLUX.1")
 
+    def compile_blocks(self, bundle: ModelBundle) -> list[torch.nn.Module]:
+        unet = bundle.unet
+        mid = [unet.mid_block] if unet.mid_block is not None else []  # configs may have none
+        return [*unet.down_blocks, *mid, *unet.up_blocks]
+
     def sample_images(
         self,
         bundle: ModelBundle,

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 
 def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
@@ -80,22 +81,37 @@ def offloaded_checkpoint(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> A
     """`fn(*args, **kwargs)` without keeping its activations: tensor arguments are held in CPU memory until
     backward, which recomputes `fn` on their device and backpropagates through it.
 
-    `fn` returns a tensor or a tuple of tensors. Non-tensor arguments and kwargs are passed through as they
-    are. Parameters `fn` uses (a LoRA's) get their gradients even when no input requires grad. Without
-    grad mode (sampling, validation) it is a plain call.
+    `fn` returns a tensor or a tuple of tensors. Tensors may sit anywhere in `args` and `kwargs` (diffusers
+    passes FLUX's rotary table as a tuple, attention masks and None positionally). Positional tensors and
+    every tensor that requires grad are inputs of the recompute; a tensor nested in a container that needs
+    no grad (a rotary table, a mask) is the same for every block, so it stays where it is rather than being
+    copied out once per block. Other values are passed through. Parameters `fn` uses (a LoRA's) get their
+    gradients even when no input requires grad. Without grad mode (sampling, validation) it is a plain call.
     """
-    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-    if not torch.is_grad_enabled() or not tensors:
+    if not torch.is_grad_enabled():
         return fn(*args, **kwargs)
+    leaves, spec = tree_flatten((args, kwargs))
+    top = {id(a) for a in args if isinstance(a, torch.Tensor)}
+    slots: dict[int, int] = {}  # id of a tensor -> its position among the recompute's inputs
+    inputs: list[torch.Tensor] = []
+    for leaf in leaves:
+        if (
+            isinstance(leaf, torch.Tensor)
+            and (id(leaf) in top or leaf.requires_grad)
+            and id(leaf) not in slots
+        ):
+            slots[id(leaf)] = len(inputs)
+            inputs.append(leaf)
+    if not inputs:
+        return fn(*args, **kwargs)
+    where = [slots.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None for leaf in leaves]
 
     def run(*tensor_args: torch.Tensor) -> Any:
-        full = list(args)
-        for index, tensor in zip(tensors, tensor_args, strict=True):
-            full[index] = tensor
-        return fn(*full, **kwargs)
+        full = [leaf if slot is None else tensor_args[slot] for leaf, slot in zip(leaves, where, strict=True)]
+        call_args, call_kwargs = tree_unflatten(full, spec)
+        return fn(*call_args, **call_kwargs)
 
-    device = args[tensors[0]].device
     # A leaf that requires grad makes the outputs part of the graph even when no input does, so the
     # recompute runs and the parameters inside `fn` get their gradients (reentrant checkpointing's pitfall).
     anchor = torch.empty(0, requires_grad=True)
-    return _OffloadedCheckpoint.apply(run, device, anchor, *(args[i] for i in tensors))
+    return _OffloadedCheckpoint.apply(run, inputs[0].device, anchor, *inputs)

@@ -14,6 +14,7 @@ import torch
 
 from library.training.metadata import per_save_metadata
 from library.training.optim import MaxNormReader, averaged_weights, max_norm_stats
+from library.training.profiling import StepProfiler
 from library.training.progress import Logger, LossAverage, LossReader
 from library.training.run import Run, timestamp
 from library.training.state import Progress, save_state
@@ -157,7 +158,8 @@ def optimizer_step(run: Run) -> torch.Tensor | tuple | None:
     acc = run.accelerator
     if acc.num_processes > 1:
         _all_reduce_grads(run.params, acc.num_processes)
-    if run.config.max_grad_norm:
+    # --fused_*: clipped per tensor/group inside backward, before each gradient is freed.
+    if run.config.max_grad_norm and not getattr(run.optimizer, "clips_in_backward", False):
         acc.clip_grad_norm_(run.params, run.config.max_grad_norm)
     run.optimizer.step()
     run.scheduler.step()
@@ -221,6 +223,16 @@ def wandb_options(cfg: Any) -> dict[str, Any]:
     return options
 
 
+def step_profiler(run: Run) -> StepProfiler:
+    """--profile_steps, on the main process only."""
+    from library.training.profiling import parse_profile_steps
+
+    cfg = run.config
+    steps = parse_profile_steps(cfg.profile_steps) if cfg.profile_steps else None
+    folder = Path(cfg.logging_dir or cfg.output_dir) / "profile"
+    return StepProfiler(steps if run.accelerator.is_main_process else None, folder, run.accelerator.device)
+
+
 def train_loop(run: Run) -> Path:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -270,6 +282,8 @@ def _train_loop(run: Run) -> Path:
 
     extras = build_extras(run, logger, bar)  # sample images, validation loss
     extras.at_start(progress.global_step)
+    profiler = step_profiler(run)
+    profiler.tick(progress.global_step)
 
     def report(value: float | None, step: int, lrs: dict[str, float]) -> None:
         if value is None:
@@ -307,6 +321,7 @@ def _train_loop(run: Run) -> Path:
             pending, step_loss = 0, None
             _after_step_saves(run, progress)
             extras.after_step(progress.global_step)
+            profiler.tick(progress.global_step)
             if progress.global_step >= run.max_train_steps:
                 break
         if progress.batch_in_epoch >= sampler.per_rank:
@@ -316,6 +331,7 @@ def _train_loop(run: Run) -> Path:
             extras.after_epoch(epoch + 1, progress.global_step)
     report(reader.pop(), progress.global_step, {**held_lrs, **norm_reader.pop()})
     clock.write()
+    profiler.close()
     bar.close()
     logger.close()
     final = save_path(run, "")

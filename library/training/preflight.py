@@ -160,15 +160,10 @@ def check_family_flags(config: TrainConfig, family: ModelFamily) -> None:
             f"{flag} needs --network_train_unet_only: a text-encoder LoRA changes the text encoder's outputs "
             "at every step, so they cannot be cached; add --network_train_unet_only or remove " + flag
         )
-    if not family.block_swap_supported:
-        for flag, value in (
-            ("--blocks_to_swap", config.blocks_to_swap),
-            ("--cpu_offload_checkpointing", config.cpu_offload_checkpointing),
-        ):
-            if value:
-                problems.append(
-                    f"{flag}: only for transformer (DiT) models such as FLUX.1, not {family.script}"
-                )
+    if not family.block_swap_supported and config.blocks_to_swap:
+        problems.append(
+            f"--blocks_to_swap: only for transformer (DiT) models such as FLUX.1, not {family.script}"
+        )
     if config.weighted_captions and not family.weighted_captions_supported:
         problems.append(
             f"--weighted_captions: {family.script} has no caption weighting (kohya: SD and SDXL only)"
@@ -209,6 +204,12 @@ def preflight(config: TrainConfig, family: ModelFamily) -> Preflight:
     dataset, info = R.scan_dataset_and_model(config, family, seed)
     check_prediction_flags(config, info)
     numbers = training_numbers(config, dataset.num_batches_per_epoch, world_size())
+    if config.profile_steps and config.max_train_epochs is not None:
+        from library.training.profiling import profile_steps_problems
+
+        problems = profile_steps_problems(config.profile_steps, numbers.max_train_steps)
+        if problems:
+            raise UserError(*problems)
     epochs_decide_steps = config.max_train_epochs is not None and not config.lr_scheduler_type
     if config.lr_scheduler == "warmup_stable_decay" and epochs_decide_steps:
         # validate() could not know the step count: it comes from the dataset size.

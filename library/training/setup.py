@@ -56,6 +56,10 @@ def _configure_model(
                 else:
                     te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 te.train()
+    if config.torch_compile:
+        from library.training.compile import compile_blocks
+
+        compile_blocks(family.compile_blocks(bundle), config.dynamo_backend, device)
 
 
 def live_text_encoders(config: TrainConfig, family: ModelFamily, network, train_te: bool) -> tuple[int, ...]:
@@ -224,6 +228,17 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
             progress.epoch + 1,
             progress.batch_in_epoch,
         )
+    if config.fused_backward_pass or config.fused_optimizer_groups:
+        from library.training.fused import fuse_optimizer
+
+        # After resume: the state loads into the plain optimizer, whose layout the fused one keeps.
+        optimizer = fuse_optimizer(
+            optimizer,
+            per_tensor=config.fused_backward_pass,
+            groups=config.fused_optimizer_groups,
+            max_grad_norm=config.max_grad_norm,
+        )
+        log.info("optimizer steps inside backward: %d groups of LoRA tensors", optimizer.num_chunks)
 
     lo = 0 if config.min_timestep is None else config.min_timestep
     hi = 1000 if config.max_timestep is None else config.max_timestep

@@ -200,6 +200,11 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
     )
     # The metadata records what runs: AdamW8bit falls back to AdamW on CPU.
     optimizer, desc = optim.build_optimizer(optimizer_type, groups, config.learning_rate, opt_args, device)
+    if config.full_bf16 and weight_dtype == torch.bfloat16:
+        from library.memory.stochastic_rounding import enable_stochastic_rounding
+
+        # Before the lr scheduler wraps `step`; bf16 alone would drop updates below half a bf16 step.
+        enable_stochastic_rounding(optimizer, seed)
 
     batches_per_epoch = -(-dataset.num_batches_per_epoch // accelerator.num_processes)
     max_steps, num_epochs = R.train_steps_and_epochs(config, batches_per_epoch)

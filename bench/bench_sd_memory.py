@@ -1,0 +1,221 @@
+"""Peak RSS of one real-size SD1.5 UNet training step (random weights) under each memory trick, on the CPU.
+
+Four settings, each in a fresh process (so one setting's allocator state cannot lower or raise the next):
+  a  fp32 weights, no gradient checkpointing, fp32 compute;
+  b  bf16 weights + gradient checkpointing, under torch.autocast("cpu", bfloat16);
+  c  b + fp8 base (library.memory.fp8.store_fp8: frozen Linear weights as float8_e4m3fn, before the LoRA);
+  d  c + fused backward (library.training.fused: AdamW steps each LoRA tensor inside backward).
+The UNet is built on the meta device and materialised in its target dtype (no float32 copy for b-d), LoRA
+rank 16 on the UNet only, context [1, 77, 768], batch 1, forward + MSE loss + backward + AdamW step.
+
+Reported per setting: RSS with everything built (VmRSS before the step), the step's own peak (VmHWM after
+resetting it through /proc/self/clear_refs just before the step: the build's transient peak, e.g. bf16
+weights before fp8 conversion, does not count), the process peak (ru_maxrss) and the step's seconds.
+
+    python bench/bench_sd_memory.py [--resolution 512] [--settings a b c d] [--malloc_trim]
+
+Without --malloc_trim, glibc keeps part of the heap that fp8 conversion frees (the bf16 Linear weights, in
+allocations under its mmap threshold), so RSS before the step does not show the fp8 saving; the step's peak
+still does, as the step reuses that heap.
+
+Prints a table and a JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_sdxl import _mem_available_gib, _vm_rss_kib  # noqa: E402
+
+LORA_RANK = 16
+# SD1.5's UNet: diffusers UNet2DConditionModel defaults (block_out_channels 320/640/1280/1280, 2 layers per
+# block, head dim 8) with CLIP-L's 768-wide context.
+SD15_UNET_CONFIG = {
+    "sample_size": 64,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+}
+SETTINGS = {
+    "a": "fp32 weights, no checkpointing",
+    "b": "bf16 weights + gradient checkpointing",
+    "c": "b + fp8 base (Linear weights)",
+    "d": "c + fused backward",
+}
+NEEDS_GIB = 10  # fp32 weights (3.2 GiB) + fp32 activations of a 64x64 step without checkpointing
+
+
+def build_unet(dtype):
+    """The SD1.5 UNet in `dtype`, never materialised in float32 unless asked: meta -> dtype -> filled."""
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    unet = unet.to(dtype).to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.fill_(1.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+        for buffer in unet.buffers():
+            buffer.zero_()
+    return unet.requires_grad_(False)
+
+
+def _vm_hwm_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:  # not permitted: VmHWM then is the process peak
+        return False
+
+
+def _malloc_trim() -> bool:
+    """Hand glibc's freed heap back to the OS (False where there is no glibc)."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def step(setting: str, resolution: int, trim: bool = False) -> dict:
+    """One training step of `setting` in this process; call in a fresh one (see `run_all`)."""
+    import torch
+
+    import networks.lora as lora
+
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    low = setting != "a"
+    unet = build_unet(torch.bfloat16 if low else torch.float32)
+    if low:
+        unet.enable_gradient_checkpointing()
+        unet.train()  # diffusers checkpoints only in train mode
+    fp8_layers = 0
+    if setting in ("c", "d"):
+        from library.memory.fp8 import store_fp8
+
+        fp8_layers = len(store_fp8(unet).modules)  # before the LoRA exists, as the trainer does
+    net = lora.create_network(1.0, LORA_RANK, 1.0, None, None, unet)
+    net.apply_to(None, unet, False, True)
+    groups, _ = net.prepare_optimizer_params(None, None, 1e-4)
+    opt = torch.optim.AdamW(groups, lr=1e-4)
+    if setting == "d":
+        from library.training.fused import fuse_optimizer
+
+        opt = fuse_optimizer(opt, per_tensor=True, groups=None, max_grad_norm=0.0)
+    bytes_by_dtype: dict[str, int] = {}
+    for tensor in [*unet.parameters(), *unet.buffers()]:
+        key = str(tensor.dtype).removeprefix("torch.")
+        bytes_by_dtype[key] = bytes_by_dtype.get(key, 0) + tensor.numel() * tensor.element_size()
+    n_lora = sum(p.numel() for g in groups for p in g["params"])
+    side = resolution // 8
+    latents = torch.randn(1, 4, side, side)
+    noise = torch.randn_like(latents)
+    context = torch.randn(1, 77, 768)
+    timesteps = torch.tensor([500])
+    built = time.perf_counter() - start
+    trimmed = trim and _malloc_trim()
+    rss_before = _vm_rss_kib()
+    hwm_reset = _reset_hwm()
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+        noisy = 0.7 * latents + 0.7 * noise
+        pred = unet(
+            noisy.to(torch.bfloat16) if low else noisy, timesteps, encoder_hidden_states=context
+        ).sample
+    loss = torch.nn.functional.mse_loss(pred.float(), noise)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    step_s = time.perf_counter() - start
+    return {
+        "setting": setting,
+        "resolution": resolution,
+        "weights_gib_by_dtype": {k: round(v / 1024**3, 3) for k, v in bytes_by_dtype.items()},
+        "fp8_linear_layers": fp8_layers,
+        "lora_params": n_lora,
+        "build_s": round(built, 1),
+        "rss_before_step_gib": round(rss_before / 1024**2, 3),
+        "step_peak_rss_gib": round(_vm_hwm_kib() / 1024**2, 3),
+        "step_peak_is_process_peak": not hwm_reset,
+        "process_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3),
+        "step_s": round(step_s, 1),
+        "malloc_trim_before_step": trimmed,
+        "loss": float(loss),
+    }
+
+
+def run_all(settings: list[str], resolution: int, trim: bool) -> list[dict]:
+    available = _mem_available_gib()
+    if available < NEEDS_GIB:
+        raise SystemExit(f"only {available:.1f} GiB RAM available; needs about {NEEDS_GIB} GiB: not run")
+    results = []
+    for setting in settings:
+        cmd = [sys.executable, __file__, "--_child", setting, "--resolution", str(resolution)]
+        cmd += ["--malloc_trim"] if trim else []
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            killed = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
+            raise SystemExit(f"setting {setting} failed{killed}:\n{proc.stderr[-3000:]}")
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # progress: each takes minutes
+    return results
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"{'setting (GiB)':<42} {'weights':>8} {'before':>8} {'step pk':>8} {'proc pk':>8} {'step s':>7}")
+    for r in results:
+        name = f"{r['setting']} {SETTINGS[r['setting']]}"
+        weights = sum(r["weights_gib_by_dtype"].values())
+        gibs = (weights, r["rss_before_step_gib"], r["step_peak_rss_gib"], r["process_peak_rss_gib"])
+        print(f"{name:<42} " + " ".join(f"{v:>8.3f}" for v in gibs) + f" {r['step_s']:>7.1f}")
+    print(json.dumps(results))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--resolution", type=int, default=512, help="image side; latents are 1/8 of it")
+    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=sorted(SETTINGS))
+    parser.add_argument(
+        "--malloc_trim",
+        action="store_true",
+        help="malloc_trim(0) after the build: RSS then counts live tensors, not freed heap glibc kept",
+    )
+    parser.add_argument("--_child", choices=sorted(SETTINGS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._child:
+        print(json.dumps(step(args._child, args.resolution, args.malloc_trim)))
+    else:
+        print_table(run_all(args.settings, args.resolution, args.malloc_trim))
+
+
+if __name__ == "__main__":
+    main()

@@ -116,6 +116,10 @@ class TextEncoderCache:
         stacked = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
         if device is None:
             return stacked
+        if device.type == "cuda":
+            # A copy from pageable memory is synchronous; from page-locked memory it overlaps the step
+            # (torch's host allocator caches the pinned blocks, so this does not allocate per step).
+            stacked = {key: value.pin_memory() for key, value in stacked.items()}
         return {key: value.to(device, non_blocking=True) for key, value in stacked.items()}
 
 

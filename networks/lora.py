@@ -381,10 +381,26 @@ def create_network(
     **kwargs: Any,
 ) -> LoRANetwork:
     """kohya entry point. `kwargs` are `--network_args` (strings) plus trainer-injected `dropout`."""
+    return build_network(
+        LoRANetwork, multiplier, network_dim, network_alpha, text_encoder, unet, neuron_dropout, kwargs
+    )
+
+
+def build_network(
+    cls: type[LoRANetwork],
+    multiplier: float,
+    network_dim: int | None,
+    network_alpha: float | None,
+    text_encoder: nn.Module | Sequence[nn.Module] | None,
+    unet: nn.Module | None,
+    neuron_dropout: float | None,
+    kwargs: dict[str, Any],
+) -> Any:
+    """`cls` (LoRANetwork or a subclass) from kohya's create_network arguments and kohya's defaults."""
     options = lora_options(kwargs)
     if neuron_dropout is not None:
         options = LoRAOptions(**{**options.__dict__, "dropout": neuron_dropout})
-    return LoRANetwork(
+    return cls(
         text_encoder,
         unet,
         multiplier=multiplier,

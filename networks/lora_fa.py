@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from networks.lora import LoRAModule, LoRANetwork
+from networks.lora import LoRAModule, LoRANetwork, build_network
 from networks.lora import create_network_from_weights as _lora_from_weights
-from networks.lora_args import NETWORK_ARGS, LoRAOptions, lora_options
+from networks.lora_args import NETWORK_ARGS, lora_options
 from networks.lora_args import family_problems as family_problems
 from networks.lora_args import parse_network_args as _parse_lora_args
 
@@ -84,16 +84,8 @@ def create_network(
     **kwargs: Any,
 ) -> LoRAFANetwork:
     """kohya's signature; `kwargs` are networks.lora's --network_args."""
-    options = lora_options(kwargs)
-    if neuron_dropout is not None:
-        options = LoRAOptions(**{**options.__dict__, "dropout": neuron_dropout})
-    return LoRAFANetwork(
-        text_encoder,
-        unet,
-        multiplier=multiplier,
-        lora_dim=network_dim if network_dim is not None else 4,
-        alpha=network_alpha if network_alpha is not None else 1.0,
-        options=options,
+    return build_network(
+        LoRAFANetwork, multiplier, network_dim, network_alpha, text_encoder, unet, neuron_dropout, kwargs
     )
 
 

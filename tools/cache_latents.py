@@ -48,13 +48,10 @@ def _problems(config) -> list[str]:
 
 def cache_to_disk(argv: list[str], *, family_name: str = "sd", prog: str = "cache_latents.py") -> str:
     """Parse, scan, load the model, cache; returns the summary line. Raises UserError."""
-    import torch
-
     from library.config import parse_config
     from library.errors import UserError
-    from library.families import get_family
     from library.training import run as R
-    from tools.family_switch import pop_family_switch
+    from tools.family_switch import load_for_caching, pop_family_switch
 
     family_name, argv = pop_family_switch(argv, family_name)
     config = parse_config(argv, prog=prog, description=__doc__)
@@ -62,31 +59,17 @@ def cache_to_disk(argv: list[str], *, family_name: str = "sd", prog: str = "cach
     if problems:
         raise UserError(*problems)
     config = replace(config, cache_latents=True, cache_latents_to_disk=True)
-    family = get_family(family_name)
-    seed = R.pick_seed(config)  # the VAE samples its posterior: a seed makes the cache reproducible
-    dataset, info = R.scan_dataset_and_model(config, family, seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # As in training: the VAE runs in the mixed-precision dtype unless --no_half_vae (never halved on CPU).
-    dtype = R.weight_dtype_for(config.mixed_precision) if device.type == "cuda" else torch.float32
-    bundle = R.load_bundle(config, family, info, dtype)
+    family, dataset, bundle, device, _ = load_for_caching(config, family_name)
     report = R.cache_latents_if_needed(config, family, bundle, dataset, device)
     bad = f", {report.unreadable} unreadable images skipped" if report.unreadable else ""
     return f"latents cached to disk: {report.encoded} encoded, {report.reused} reused{bad}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from library.errors import UserError
-    from library.training.run import configure_logging
+    from tools.family_switch import run_tool
 
-    configure_logging()
-    try:
-        summary = cache_to_disk(sys.argv[1:] if argv is None else argv)
-    except UserError as exc:
-        for line in exc.problems:
-            print(f"error: {line}", file=sys.stderr)
-        return 2
-    print(summary)
-    return 0
+    return run_tool(cache_to_disk, argv)
 
 
 if __name__ == "__main__":

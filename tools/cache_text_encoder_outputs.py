@@ -3,7 +3,7 @@
     python tools/cache_text_encoder_outputs.py [--sdxl | --flux] --pretrained_model_name_or_path MODEL \\
         --dataset_config ds.toml [--clip_skip 2] [--max_token_length 225] [--weighted_captions]
 
-Writes kohya-named `<image>_te_outputs.npz` files next to the images (what
+Writes kohya-named `<image>_te_outputs.npz` (FLUX: `<image>_flux_te.npz`) files next to the images (what
 `--cache_text_encoder_outputs_to_disk` then reuses), prints how many were encoded and how many valid files
 were reused, and exits. `--sdxl` / `--flux` pick the SDXL / FLUX family (kohya's switches; FLUX also takes
 its `--clip_l`, `--t5xxl`, `--ae` files); the default is SD 1.x/2.x.
@@ -52,10 +52,8 @@ def cache_to_disk(argv: list[str], *, prog: str = "cache_text_encoder_outputs.py
 
     from library.config import parse_config
     from library.errors import UserError
-    from library.families import get_family
-    from library.training import run as R
     from library.training.te_cache import cache_text_encoder_outputs_if_needed
-    from tools.family_switch import pop_family_switch
+    from tools.family_switch import load_for_caching, pop_family_switch
 
     family_name, argv = pop_family_switch(argv)
     config = parse_config(argv, prog=prog, description=__doc__)
@@ -63,13 +61,8 @@ def cache_to_disk(argv: list[str], *, prog: str = "cache_text_encoder_outputs.py
     if problems:
         raise UserError(*problems)
     config = replace(config, cache_text_encoder_outputs=True, cache_text_encoder_outputs_to_disk=True)
-    family = get_family(family_name)
-    seed = R.pick_seed(config)
-    dataset, info = R.scan_dataset_and_model(config, family, seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # As in training: the text encoders run in the mixed-precision dtype (never halved on CPU).
-    dtype = R.weight_dtype_for(config.mixed_precision) if device.type == "cuda" else torch.float32
-    bundle = R.load_bundle(config, family, info, dtype)
+    family, dataset, bundle, device, dtype = load_for_caching(config, family_name)
 
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -90,18 +83,9 @@ def cache_to_disk(argv: list[str], *, prog: str = "cache_text_encoder_outputs.py
 
 
 def main(argv: list[str] | None = None) -> int:
-    from library.errors import UserError
-    from library.training.run import configure_logging
+    from tools.family_switch import run_tool
 
-    configure_logging()
-    try:
-        summary = cache_to_disk(sys.argv[1:] if argv is None else argv)
-    except UserError as exc:
-        for line in exc.problems:
-            print(f"error: {line}", file=sys.stderr)
-        return 2
-    print(summary)
-    return 0
+    return run_tool(cache_to_disk, argv)
 
 
 if __name__ == "__main__":

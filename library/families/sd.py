@@ -56,6 +56,22 @@ def weights_variant(folder: Path, stem: str) -> tuple[bool, str | None]:
     return (True, "fp16") if names & fp16 else (False, None)
 
 
+def check_folder_parts(path: Path, stems: dict[str, str], contents: str) -> dict[str, str | None]:
+    """Each component folder's weights variant (None, or "fp16" when only fp16 files exist); UserError listing
+    everything missing (model_index.json, config.json, weights) with `contents` saying what belongs there."""
+    missing = [] if (path / "model_index.json").is_file() else ["model_index.json"]
+    variants: dict[str, str | None] = {}
+    for part, stem in stems.items():
+        if not (path / part / "config.json").is_file():
+            missing.append(f"{part}/config.json")
+        has_weights, variants[part] = weights_variant(path / part, stem)
+        if not has_weights:
+            missing.append(f"{part}/{stem}.safetensors")
+    if missing:
+        raise UserError(f"{MODEL_FLAG}: {path} is missing {', '.join(missing)}; {contents}")
+    return variants
+
+
 def _reject_other_families(path: Path) -> None:
     index = path / "model_index.json"
     cls = read_json(index).get("_class_name", "") if index.is_file() else ""
@@ -71,19 +87,9 @@ def _reject_other_families(path: Path) -> None:
 
 def _inspect_folder(path: Path) -> tuple[str, dict[str, Any]]:
     _reject_other_families(path)
-    missing = [] if (path / "model_index.json").is_file() else ["model_index.json"]
-    variants: dict[str, str | None] = {}
-    for part, stem in _WEIGHT_STEMS.items():
-        if not (path / part / "config.json").is_file():
-            missing.append(f"{part}/config.json")
-        has_weights, variants[part] = weights_variant(path / part, stem)
-        if not has_weights:
-            missing.append(f"{part}/{stem}.safetensors")
-    if missing:
-        raise UserError(
-            f"{MODEL_FLAG}: {path} is missing {', '.join(missing)}; {FOLDER_CONTENTS} "
-            "(or pass a single .safetensors/.ckpt file)"
-        )
+    variants = check_folder_parts(
+        path, _WEIGHT_STEMS, f"{FOLDER_CONTENTS} (or pass a single .safetensors/.ckpt file)"
+    )
     unet = read_json(path / "unet" / "config.json")
     if unet.get("in_channels", 4) != 4:
         raise UserError(

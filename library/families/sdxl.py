@@ -23,11 +23,11 @@ from library.families.base import ModelBundle, ModelInfo
 from library.families.sd import (
     MODEL_FLAG,
     StableDiffusionFamily,
+    check_folder_parts,
     from_pretrained,
     load_vae,
     make_noise_scheduler,
     read_json,
-    weights_variant,
 )
 from library.families.sdxl_text import encode_sdxl_prompts, resolve_tokenizers
 
@@ -53,19 +53,9 @@ def _inspect_folder(path: Path) -> dict[str, Any]:
         )
     if (path / "text_encoder").is_dir() and not (path / "text_encoder_2").is_dir():
         raise UserError(f"{MODEL_FLAG}: {path} is an SD 1.x/2.x model folder; use train_network.py")
-    missing = [] if index else ["model_index.json"]
-    variants: dict[str, str | None] = {}
-    for part, stem in _WEIGHT_STEMS.items():
-        if not (path / part / "config.json").is_file():
-            missing.append(f"{part}/config.json")
-        has_weights, variants[part] = weights_variant(path / part, stem)
-        if not has_weights:
-            missing.append(f"{part}/{stem}.safetensors")
-    if missing:
-        raise UserError(
-            f"{MODEL_FLAG}: {path} is missing {', '.join(missing)}; {FOLDER_CONTENTS} "
-            "(or pass a single .safetensors file)"
-        )
+    variants = check_folder_parts(
+        path, _WEIGHT_STEMS, f"{FOLDER_CONTENTS} (or pass a single .safetensors file)"
+    )
     unet = read_json(path / "unet" / "config.json")
     if unet.get("addition_embed_type") != "text_time" or unet.get("in_channels", 4) != 4:
         raise UserError(

@@ -7,6 +7,14 @@ import sys
 
 
 def main(argv: list[str], *, prog: str, family: str, description: str) -> int:
+    from library import startup_gc
+
+    # Start-up creates ~500k lasting objects that automatic full collections would walk again and again.
+    with startup_gc.paused():
+        return _main(argv, prog=prog, family=family, description=description)
+
+
+def _main(argv: list[str], *, prog: str, family: str, description: str) -> int:
     from library.errors import UserError
 
     try:
@@ -20,7 +28,7 @@ def main(argv: list[str], *, prog: str, family: str, description: str) -> int:
         _close_progress_bars()
         for line in exc.problems:
             print(f"error: {line}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)  # a stop after saving (signal, NaN loss) has its own status
     except KeyboardInterrupt:
         _close_progress_bars()
         print("interrupted; files already saved are kept", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,25 @@ def _exists(
 ) -> None:
     if path is not None and not Path(path).exists():
         problems.append(f"{flag}: {kind} {path} does not exist; {fix}")
+
+
+def _writable_folder(path: str, flag: str, problems: list[str]) -> None:
+    """A folder the run may create files in: not a file, and its nearest existing folder writable (checked
+    here, as the first write happens only after caching and training)."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        problems.append(
+            f"{flag}: {folder} is a file, not a folder; pass a folder path (it is created if missing)"
+        )
+        return
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        problems.append(f"{flag}: {existing} is a file, so {folder} cannot be created; pass another folder")
+    elif existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        problems.append(
+            f"{flag}: cannot write to {existing} (permission denied); pass a folder you can write to or fix its "
+            "permissions"
+        )
 
 
 def _positive(config: TrainConfig, names: list[str], problems: list[str]) -> None:
@@ -291,8 +311,10 @@ def validate(config: TrainConfig) -> list[str]:
         )
     if not config.output_dir:
         problems.append("--output_dir is required (the folder where LoRA files are written)")
-    elif Path(config.output_dir).exists() and not Path(config.output_dir).is_dir():
-        problems.append(f"--output_dir: {config.output_dir} is a file, not a folder")
+    else:
+        _writable_folder(config.output_dir, "--output_dir", problems)
+    if config.logging_dir:
+        _writable_folder(config.logging_dir, "--logging_dir", problems)
     if config.output_name is not None and any(c in config.output_name for c in "/\\"):
         problems.append(f"--output_name must be a file name without folders, got {config.output_name!r}")
     _check_dataset_source(config, problems)

@@ -16,6 +16,7 @@ hashing serialization's payload behind a rebuilt header.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ from typing import BinaryIO, Literal
 
 import torch
 
-from library.errors import UserError
+from library.errors import UserError, load_error_detail, refused_pickle
 
 ModelFormat = Literal["safetensors", "ckpt", "pt"]
 MODEL_FORMATS: tuple[str, ...] = ("safetensors", "ckpt", "pt")
@@ -44,22 +45,38 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
-    """Call `write` on a temp file next to `path`, fsync it, then move it over `path` in one step."""
+def atomic_write(
+    path: str | os.PathLike[str], write: Callable[[BinaryIO], None], *, size_hint: int = 0
+) -> None:
+    """Call `write` on a temp file next to `path`, fsync it, move it over `path` in one step and fsync the
+    directory, so the new name is on disk too. A full disk is a UserError naming the file and about
+    `size_hint` bytes needed; the previous file stays. Temp files a crash left behind are removed."""
+    from library.training.atomic import disk_full_is_user_error, fsync_path
+
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, target)
+        with disk_full_is_user_error(target, size_hint):
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, _file_mode())
+            os.replace(tmp, target)
+        fsync_path(target.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """`.<name>.<random>.tmp` files of an earlier save of `target` that was killed before its rename."""
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
 
 
 def _split_safetensors(data: bytes) -> tuple[dict, memoryview]:
@@ -104,8 +121,9 @@ def save_lora_file(
     if model_format not in MODEL_FORMATS:
         raise UserError(f"--save_model_as {model_format}: choose one of {', '.join(MODEL_FORMATS)}")
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    size = sum(v.numel() * v.element_size() for v in tensors.values())
     if model_format != "safetensors":
-        atomic_write(path, lambda f: torch.save(tensors, f))
+        atomic_write(path, lambda f: torch.save(tensors, f), size_hint=size)
         return
 
     import safetensors.torch
@@ -123,7 +141,7 @@ def save_lora_file(
         f.write(header)
         f.write(payload)
 
-    atomic_write(path, write)
+    atomic_write(path, write, size_hint=len(header) + len(payload))
 
 
 def _where(path: Path, flag: str | None) -> str:
@@ -157,8 +175,13 @@ def load_lora_file(
                 return {k: f.get_tensor(k) for k in f.keys()}, metadata  # noqa: SIM118 (safe_open is not a dict)
         loaded = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # any parser failure means an unusable file; say which one and why
+        if refused := refused_pickle(e):
+            raise UserError(
+                f"{where}: not a plain weights pickle ({refused}; refused, as it could run code): convert it "
+                "to .safetensors with a tool you trust, or get the .safetensors version"
+            ) from None
         raise UserError(
-            f"{where}: cannot read the file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"{where}: cannot read the file ({type(e).__name__}: {load_error_detail(e)}); "
             "it may be truncated or not a LoRA file: save or download it again"
         ) from e
     if not isinstance(loaded, dict) or not all(

@@ -270,7 +270,7 @@ def test_in_json_trains_and_records_kohya_metadata(tiny_sd1_dir: Path, tmp_path:
     out = tmp_path / "out"
     argv = common_args(
         tiny_sd1_dir, out, "--in_json", str(meta), "--train_data_dir", str(img), "--resolution", "64",
-        "--dataset_repeats", "2", "--max_train_steps", "2",
+        "--dataset_repeats", "2", "--max_train_steps", "2", "--metadata_include_paths",
     )  # fmt: skip
     assert run_main(argv) == 0
     md = metadata(out / "feat.safetensors")

@@ -186,7 +186,7 @@ def test_run_records_validation_metadata(tiny_sd1_dir: Path, tmp_path: Path, cap
     data = make_images(tmp_path / "data", n=4)
     out = tmp_path / "out"
     args = db_args(tiny_sd1_dir, data, out, "--max_train_steps", "1", "--validation_split", "0.25",
-                   "--validation_seed", "3")  # fmt: skip
+                   "--validation_seed", "3", "--metadata_include_paths")  # fmt: skip
     assert run_main(args) == 0
     assert (
         "validation, held out and never trained on (validation_split 0.25, seed 3): 1 images"

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import NAME, db_args, error_lines, metadata, run_main, tb_scalars, tb_tags
 
-from library.training.optim import MaxNormReader, check_full_precision, patch_scaler_for_fp16_params
+from library.training.optim import check_full_precision, patch_scaler_for_fp16_params
 
 
 @pytest.mark.parametrize(
@@ -125,22 +125,6 @@ def test_precision_flags_rejected_before_weights_load(
         "error: --full_fp16 needs --mixed_precision fp16 (got no): the LoRA parameters are stored in fp16, so "
         "the forward pass must run in fp16 too",
     ]
-
-
-def test_max_norm_reader_is_one_step_late():
-    reader = MaxNormReader(torch.device("cpu"))
-    assert reader.push(torch.tensor([2.0, 0.5, 1.0])) == {}
-    assert reader.push((0, 0.25, 0.5)) == {
-        "max_norm/keys_scaled": 2.0,
-        "max_norm/average_key_norm": 0.5,
-        "max_norm/max_key_norm": 1.0,
-    }
-    assert reader.pop() == {
-        "max_norm/keys_scaled": 0.0,
-        "max_norm/average_key_norm": 0.25,
-        "max_norm/max_key_norm": 0.5,
-    }
-    assert reader.pop() == {}
 
 
 def test_scale_weight_norms_limits_every_module_and_logs(tiny_sd1_dir: Path, data2: Path, tmp_path: Path):

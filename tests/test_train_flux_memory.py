@@ -78,9 +78,10 @@ def test_memory_flags_are_checked_up_front(
         "error: --fp8_base needs --mixed_precision bf16 or fp16 (fp8 weights are computed in the mixed precision dtype)",
         "error: --cpu_offload_checkpointing needs --gradient_checkpointing (it changes where checkpoints live)",
     ]
-    assert run_main(db_args(tiny_sd1_dir, dataset, out, "--blocks_to_swap", "4")) == 2
+    assert run_main(db_args(tiny_sd1_dir, dataset, out, "--blocks_to_swap", "15")) == 2
     assert error_lines(capsys) == [
-        "error: --blocks_to_swap: only for transformer (DiT) models such as FLUX.1, not train_network.py"
+        "error: --blocks_to_swap 15: this UNet has 14 swappable blocks (resnets, attentions, "
+        "down/upsamplers): use 14 or fewer"
     ]
     assert run_flux(_args(tiny_flux, dataset, out, "--blocks_to_swap", "3")) == 2
     assert error_lines(capsys)[0].startswith(

@@ -37,6 +37,7 @@ def test_quickstart_dataset_toml(tiny_sd1_dir: Path, tmp_path: Path, monkeypatch
     args = common_args(
         tiny_sd1_dir, out, "--dataset_config", "dataset_configs/quickstart.toml", "--max_train_steps", "2"
     )
+    args.append("--metadata_include_paths")  # kohya's folder names in the metadata
     assert run_main(args) == 0
     md = metadata(out / f"{NAME}.safetensors")
     (dataset,) = json.loads(md["ss_datasets"])

@@ -69,6 +69,9 @@ def test_save_every_n_epochs_with_state(tiny_sd1_dir: Path, tmp_path: Path):
             "batch_in_epoch": 0,
             "seed": 7,
             "max_train_steps": 3,
+            "family": "sd",
+            "script": "train_network.py",
+            "network_module": "networks.lora",
         }
         # the state's network is the LoRA saved at the same point
         lora = load_file(str(out / f"{NAME}{suffix}.safetensors"))

@@ -357,11 +357,28 @@ class TrainConfig(LossNoiseOptions, FlowMatchingOptions):
     fp8_base_unet: bool = flag(
         False, "precision", "like --fp8_base for the denoiser (UNet / transformer) only"
     )
+    estimate_memory: bool = flag(
+        False,
+        "precision",
+        "print the expected peak device memory of a training step with these settings (weights, LoRA + "
+        "optimizer state, activations at the largest bucket and batch) and exit; loads the model on the CPU, "
+        "trains nothing and writes nothing",
+    )
+    quantize_base: str | None = flag(
+        None,
+        "precision",
+        "int8: store the denoiser's frozen Linear weights as int8 (per-channel scales) and compute them with "
+        "int8 activations (torch._int_mm; faster on GPUs with int8 tensor cores); text encoders stay as "
+        "loaded (they run once per caption or are cached); not with --fp8_base/--fp8_base_unet",
+        choices=[None, "int8"],
+    )
     blocks_to_swap: int | None = flag(
         None,
         "precision",
-        "FLUX: keep this many transformer blocks in CPU memory and bring each to the GPU just before use "
-        "(N//2 double + 2*(N - N//2) single blocks, as kohya); a no-op with a message on CPU",
+        "keep this many blocks of the denoiser in CPU memory and bring each to the GPU just before use; "
+        "FLUX: N//2 double + 2*(N - N//2) single blocks, as kohya; SD/SDXL: the last N of the UNet's resnets, "
+        "attentions and down/upsamplers in execution order (SD 1.x has 44, SDXL 32; the up blocks, which come "
+        "last, hold most of the weights); a no-op with a message on CPU",
     )
     cpu_offload_checkpointing: bool = flag(
         False,
@@ -418,7 +435,21 @@ class TrainConfig(LossNoiseOptions, FlowMatchingOptions):
         None, "saving", "resume from a saved state folder (continues step, epoch and data position)"
     )
     overwrite: bool = flag(False, "saving", "allow replacing LoRA files that already exist in --output_dir")
+    skip_nan_steps: int = flag(
+        0,
+        "training",
+        "tolerate up to N optimizer steps whose loss is NaN/inf (each skipped: no update, a warning); the "
+        "next one stops the run after saving the last good state",
+    )
     no_metadata: bool = flag(False, "saving", "write only the minimal ss_* metadata")
+    metadata_include_paths: bool = flag(
+        False,
+        "saving",
+        "write the names of your dataset folders (ss_dataset_dirs, ss_tag_frequency, ss_datasets) and of the "
+        "base model and VAE (ss_sd_model_name, ss_vae_name: the last path part only) into the LoRA, as kohya "
+        "does; without it those folders are named subset_0, subset_1, ... and the model/VAE names are left "
+        "out. Absolute paths are never written",
+    )
     training_comment: str | None = flag(None, "saving", "comment stored in the metadata")
     metadata_title: str | None = flag(None, "saving", "modelspec title")
     metadata_author: str | None = flag(None, "saving", "modelspec author")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import typing
 from pathlib import Path
@@ -97,13 +98,33 @@ def _flatten(table: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def _syntax_error(path: Path, text: str, error: Exception) -> UserError:
+    """One line naming the file, line and column."""
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        from library.data.config_schema import toml_syntax_error
+
+        return toml_syntax_error(path, text, error)
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return UserError(f"{path}: YAML syntax error: {problem}; fix the syntax")
+    return UserError(
+        f"{path}:{mark.line + 1}: YAML syntax error: {problem} (column {mark.column + 1}); fix the syntax"
+    )
+
+
 def load_config_file(path: Path) -> dict[str, Any]:
     """Read and check a TOML/YAML options file; returns coerced values or raises UserError (all problems)."""
     if not path.exists() and path.suffix == "":
         path = path.with_suffix(".toml")  # kohya allows the extension to be omitted
     if not path.is_file():
         raise UserError(f"--config_file: {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"--config_file: {path} is not UTF-8 (byte {exc.start}); re-save it as UTF-8"
+        ) from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -114,8 +135,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
             raw = toml.loads(text)
     except Exception as exc:  # toml/yaml raise several error types; all mean "fix the syntax"
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {first}") from None
+        raise _syntax_error(path, text, exc) from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a table of options at the top level")
     from library.kohya_pending import PENDING, pending_problem
@@ -145,6 +165,12 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
+        # argparse's "argument --x: invalid integer value: 'a'" in the wording config files get
+        bad_value = re.fullmatch(r"argument (--\w+): invalid (integer|number) value: (.*)", message)
+        if bad_value:
+            flag, kind, value = bad_value.groups()
+            article = "an" if kind == "integer" else "a"
+            raise UserError(f"command line: {flag} must be {article} {kind}, got {value}")
         raise UserError(f"command line: {message}")
 
 

@@ -260,6 +260,17 @@ def _parse_toml(path: Path, text: str) -> Any:
         raise _toml_error(path, str(e), line, col) from None
 
 
+def toml_syntax_error(path: Path, text: str, error: Exception) -> UserError:
+    """One line with line and column for a TOML file another parser (kohya's `toml` package, for
+    --config_file) rejected: tomllib's wording where it rejects the text too, else that parser's own."""
+    try:
+        _parse_toml(path, text)
+    except UserError as exc:
+        return exc
+    line, col = getattr(error, "lineno", None), getattr(error, "colno", None)
+    return _toml_error(path, str(getattr(error, "msg", error)).splitlines()[0], line, col)
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     """Parse a .toml or .json dataset config; syntax errors become one-line UserErrors."""
     if not path.is_file():

@@ -6,6 +6,9 @@ can be rebuilt anywhere (a DataLoader worker, a resumed run) from its position a
 * `batch_order(epoch)` shuffles the batch slots of all datasets together (kohya shuffles the concatenated
   datasets the same way through its DataLoader);
 * each bucket's members (images x repeats) are reshuffled every epoch, so batch composition changes too;
+* each sample of an epoch (one repeat of an image: a bucket member) has its own noise seed (`noise_seeds`
+  in a batch): the training noise of a sample does not depend on the batch size, the process count or the
+  step it lands in, so 2 processes x batch 1 train exactly like 1 process x batch 2;
 * flips and random crops use a generator seeded from (seed, epoch, step); the caption pipeline (dropout,
   wildcards, shuffle, tag dropout) has its own, so toggling an augmentation does not change captions;
 * token warmup and caption dropout per epoch need the training position: `set_training_steps` tells the
@@ -31,6 +34,7 @@ from library.data.captions import (
 from library.data.dataset_config import DatasetSpec
 from library.data.samples import load_or_replace, stack_masks
 from library.data.scan import BuiltDataset, ImageItem, bucket_members, build_dataset
+from library.data.sharing import stable_seed
 from library.errors import UserError
 
 
@@ -192,7 +196,14 @@ class DatasetGroup:
     def load_batch(self, epoch: int, step_in_epoch: int) -> dict[str, Any]:
         """Pixels or cached latents, processed captions and size conditioning for one batch."""
         ds, items = self.batch_items(epoch, step_in_epoch)
-        _, bucket, _ = self._slots[self._epoch(epoch)[0][step_in_epoch]]
+        order, members = self._epoch(epoch)
+        d, bucket, chunk = self._slots[order[step_in_epoch]]
+        shuffled, size = members[(d, bucket)], ds.spec.batch_size
+        # A sample is one repeat of an image: (item index, how many of its repeats the shuffle put before it).
+        samples = [
+            (shuffled[p], shuffled[:p].count(shuffled[p]))
+            for p in range(chunk * size, min((chunk + 1) * size, len(shuffled)))
+        ]
         rng = random.Random(f"{self.seed}/{epoch}/{step_in_epoch}")
         caption_rng = random.Random(f"{self.seed}/{epoch}/{step_in_epoch}/caption")
         global_step = self.steps.global_step(epoch, step_in_epoch)
@@ -239,6 +250,7 @@ class DatasetGroup:
             "target_sizes_hw": torch.tensor(targets, dtype=torch.int64),
             "flipped": flipped,
             "image_paths": [str(item.path) for item in used],
+            "noise_seeds": [noise_seed(self.seed, epoch, d, item, repeat) for item, repeat in samples],
         }
 
     def plan_text(self, training: plan.TrainingNumbers | None = None, cache: str | None = None) -> str:
@@ -263,3 +275,9 @@ class DatasetGroup:
     def tag_frequency(self) -> dict[str, dict[str, int]]:
         """kohya ss_tag_frequency: per image folder name, tag counts of the raw captions."""
         return plan.tag_frequency(self.datasets)
+
+
+def noise_seed(seed: int, epoch: int, dataset: int, item: int, repeat: int) -> int:
+    """The seed of one sample's training noise and timestep in this epoch: the sample is one repeat of an
+    image (the dataset's item), named without the batch it landed in. A 63-bit int (for manual_seed)."""
+    return stable_seed(f"{seed}/{epoch}/{dataset}/{item}/{repeat}")

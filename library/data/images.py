@@ -28,18 +28,46 @@ _TAIL_BYTES = 4096
 # PIL reports corrupt data as OSError ("image file is truncated"), SyntaxError ("broken PNG file"), EOFError
 # or ValueError depending on the format and where the damage is.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# Pixels an image may have: the point where PIL refuses to open one (2 x its default MAX_IMAGE_PIXELS), as a
+# guard against decompression bombs (a small file whose header claims 30000x30000 would take 2.7 GB once
+# decoded). Checked from the header by us too, so it holds where another library set PIL's limit to None.
+MAX_IMAGE_PIXELS = 178_956_970
+TOO_LARGE_FIX = "resize it (e.g. to 4096 pixels on its long side) or remove it"
 
 
 class UnreadableImage(Exception):
     """An image (or mask) file that cannot be decoded; `reason` says why in a few words."""
 
-    def __init__(self, path: Path, reason: str) -> None:
+    def __init__(self, path: Path, reason: str, fix: str = "fix or remove the file") -> None:
         self.path = path
         self.reason = reason
+        self.fix = fix
         super().__init__(f"cannot read image {path}: {reason}")
 
+    def __reduce__(self) -> tuple[type, tuple[Path, str, str]]:  # crosses DataLoader worker processes
+        return (type(self), (self.path, self.reason, self.fix))
+
     def user_message(self) -> str:
-        return f"cannot read image {self.path}: {self.reason}; fix or remove the file"
+        return f"cannot read image {self.path}: {self.reason}; {self.fix}"
+
+
+def _too_large(path: Path, size: str) -> UnreadableImage:
+    reason = f"{size} pixels is over the limit of {MAX_IMAGE_PIXELS:,} (a guard against decompression bombs)"
+    return UnreadableImage(path, reason, TOO_LARGE_FIX)
+
+
+def _check_pixels(path: Path, width: int, height: int) -> None:
+    """Before anything is decoded: an image over MAX_IMAGE_PIXELS is refused."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise _too_large(path, f"{width}x{height} = {width * height:,}")
+
+
+def _bomb(path: Path, error: Image.DecompressionBombError) -> UnreadableImage:
+    """PIL's own refusal (it raises while opening, before the size is known): its pixel count."""
+    import re
+
+    match = re.search(r"\((\d+) pixels\)", str(error))
+    return _too_large(path, f"{int(match.group(1)):,}" if match else "its size in")
 
 
 def list_image_files(folder: Path) -> list[Path]:
@@ -76,10 +104,13 @@ def probe_image(path: Path) -> tuple[int, int]:
             raise UnreadableImage(path, "empty file (0 bytes)")
         with open(path, "rb") as f, Image.open(f) as image:
             width, height = image.size
+            _check_pixels(path, width, height)
             if not _looks_complete(f, image.format, file_size):
                 image.load()  # decode in full: raises if the file really is truncated
     except UnreadableImage:
         raise
+    except Image.DecompressionBombError as e:
+        raise _bomb(path, e) from None
     except Exception as e:  # any decoder failure means the same thing: this file cannot be used
         raise UnreadableImage(path, _reason(e)) from None
     if width < 1 or height < 1:
@@ -109,11 +140,14 @@ class LoadedImage:
 def _decode(path: Path, alpha_mask: bool) -> tuple[Image.Image, Image.Image | None]:
     try:
         with Image.open(path) as opened:
+            _check_pixels(path, *opened.size)
             if not alpha_mask:
                 return opened.convert("RGB"), None  # drops alpha like kohya; palettes are expanded first
             # kohya: RGBA -> alpha is the mask; an image without alpha gets a full (all-ones) mask.
             rgba = opened.convert("RGBA")
             return rgba.convert("RGB"), rgba.getchannel("A")
+    except Image.DecompressionBombError as e:
+        raise _bomb(path, e) from None
     except _DECODE_ERRORS as e:
         raise UnreadableImage(path, _reason(e)) from None
 
@@ -122,7 +156,10 @@ def _decode_mask(path: Path) -> Image.Image:
     """A mask image's R channel (grey images: their only channel), as kohya's conditioning masks."""
     try:
         with Image.open(path) as opened:
+            _check_pixels(path, *opened.size)
             return opened.convert("RGB").getchannel("R")
+    except Image.DecompressionBombError as e:
+        raise _bomb(path, e) from None
     except _DECODE_ERRORS as e:
         raise UnreadableImage(path, _reason(e)) from None
 

@@ -31,6 +31,7 @@ from library.data.latent_npz import (
     latents_npz_path,
     write_npz,
 )
+from library.data.sharing import ALONE, Share, seeded_rng, stable_seed
 from library.errors import UserError
 
 if TYPE_CHECKING:
@@ -49,11 +50,13 @@ class CacheReport:
     encoded: int
     to_disk: bool
     unreadable: int = 0
+    encoded_here: int | None = None  # several processes: how many this one encoded
 
     def __str__(self) -> str:
         where = "disk" if self.to_disk else "RAM"
         bad = f", {self.unreadable} unreadable (skipped)" if self.unreadable else ""
-        return f"latent cache ({where}): {self.encoded} encoded, {self.reused} reused{bad}"
+        here = f" ({self.encoded_here} by this process)" if self.encoded_here is not None else ""
+        return f"latent cache ({where}): {self.encoded} encoded{here}, {self.reused} reused{bad}"
 
 
 def encoder_cache_id(encoder_name: str, weights: Path) -> str:
@@ -323,6 +326,8 @@ def cache_latents(
     multi_resolution: bool = False,
     skip_check: bool = False,
     show_progress: bool = True,
+    share: Share = ALONE,
+    seed: int | None = None,
 ) -> CacheReport:
     """Make every image of the group served as latents; reuse valid disk files (or RAM latents).
 
@@ -331,18 +336,22 @@ def cache_latents(
     uses a random augmentation (see `cache_problems`) or a cache file cannot be written. An image that fails
     to decode is skipped with a warning (an error with the group's `strict`). Disk files are named
     `<stem>_<W>x<H><file_suffix>.npz`; for `multi_resolution` see the module docstring.
+
+    Several processes (`share`): encoding batch i falls to process i % world; after each round the processes
+    exchange what they did (with `to_disk` only which files they wrote, in RAM the latents themselves), so
+    every process ends with every image served. `seed`: each encoding batch runs with the global RNG seeded
+    from its images (see `seeded_rng`), so a sampling VAE gives the same latents however the work is split.
     """
     if batch_size < 1:
         raise UserError(f"--vae_batch_size must be >= 1, got {batch_size}")
     problems = cache_problems(s for ds in group.datasets for s in ds.spec.subsets)
     if problems:
         raise UserError(*problems)
-    downscale = group.latent_downscale
     pending: list[_Job] = []
     reused = 0
     for job in _collect_jobs(group, to_disk, file_suffix, multi_resolution):
         if job.npz is not None:
-            valid = _disk_reusable(job, cache_id, downscale, skip_check)
+            valid = _disk_reusable(job, cache_id, group.latent_downscale, skip_check)
             if valid:
                 _use_disk_file(job, cache_id)
         else:
@@ -351,29 +360,89 @@ def cache_latents(
             reused += 1
         else:
             pending.append(job)
+    share.barrier()  # every process has judged the existing files before any process writes one
     progress = None
-    if show_progress and pending:
+    if show_progress and pending and share.rank == 0:
         from tqdm import tqdm
 
         progress = tqdm(total=len(pending), desc="caching latents", unit="img")
-    unreadable = 0
-    for batch in _batches(pending, batch_size):
-        loaded = [(job, _load(job, group)) for job in batch]
-        unreadable += sum(image is None for _, image in loaded)
-        loaded = [(job, image) for job, image in loaded if image is not None]
-        if loaded:
-            bucket = batch[0].first.bucket
-            pixels = torch.stack([image.pixels for _, image in loaded])
-            latents = _encode(encode, pixels, bucket, downscale)
-            flipped = None
-            if batch[0].need_flipped:
-                flipped = _encode(encode, torch.flip(pixels, dims=[3]), bucket, downscale)
-            for i, (job, image) in enumerate(loaded):
-                _store(job, latents[i], None if flipped is None else flipped[i], image.mask, cache_id)
-        if progress is not None:
-            progress.update(len(batch))
+    batches = _batches(pending, batch_size)
+    unreadable = encoded_here = 0
+    for start, mine in share.rounds(len(batches)):
+        outcome = [] if mine is None else _encode_batch(batches[mine], group, encode, cache_id, seed)
+        encoded_here += sum(reason is None for reason, _ in outcome)
+        for index, outcomes in enumerate(share.gather(outcome), start):
+            if index >= len(batches):
+                break  # the last round: a process without a batch
+            unreadable += sum(reason is not None for reason, _ in outcomes)
+            if index != mine:
+                _take_remote(batches[index], outcomes, cache_id)
+            if progress is not None:
+                progress.update(len(batches[index]))
     if progress is not None:
         progress.close()
     return CacheReport(
-        reused=reused, encoded=len(pending) - unreadable, to_disk=to_disk, unreadable=unreadable
+        reused=reused,
+        encoded=len(pending) - unreadable,
+        to_disk=to_disk,
+        unreadable=unreadable,
+        encoded_here=encoded_here if share.world > 1 else None,
     )
+
+
+# Per job of a batch: (None, (latents, flipped, mask) or None when written to disk), or (reason, None) for
+# an unreadable image.
+Outcome = list[tuple[str | None, tuple | None]]
+
+
+def _encode_batch(
+    batch: list[_Job],
+    group: DatasetGroup,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    cache_id: str,
+    seed: int | None,
+) -> Outcome:
+    loaded = [(job, _load(job, group)) for job in batch]
+    readable = [(job, image) for job, image in loaded if image is not None]
+    results: dict[int, tuple | None] = {}
+    if readable:
+        bucket = batch[0].first.bucket
+        pixels = torch.stack([image.pixels for _, image in readable])
+        # File names, not paths: the same images draw the same latents wherever the dataset lives (two
+        # images sharing a name would only share a seed).
+        key = "|".join(f"{job.first.path.name}:{job.first.bucket}" for job, _ in readable)
+        with seeded_rng(None if seed is None else stable_seed(f"{seed}/{key}")):
+            latents = _encode(encode, pixels, bucket, group.latent_downscale)
+            flipped = None
+            if batch[0].need_flipped:
+                flipped = _encode(encode, torch.flip(pixels, dims=[3]), bucket, group.latent_downscale)
+        for i, (job, image) in enumerate(readable):
+            one = (latents[i], None if flipped is None else flipped[i], image.mask)
+            _store(job, *one, cache_id)
+            # Disk: the others read the file. RAM: copies, as a row of the batch would pickle the whole batch.
+            results[id(job)] = None if job.npz is not None else tuple(_copy(t) for t in one)
+    return [
+        (None, results[id(job)]) if image is not None else (job.first.unusable, None) for job, image in loaded
+    ]
+
+
+def _copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.clone()
+
+
+def _take_remote(batch: list[_Job], outcomes: Outcome, cache_id: str) -> None:
+    """Apply another process's results for `batch` to this process's items."""
+    for job, (reason, latents) in zip(batch, outcomes, strict=True):
+        if reason is not None:
+            for target in job.items:
+                target.unusable = reason
+        elif latents is not None:
+            _store(job, *latents, cache_id)
+        elif job.npz is not None and job.npz.is_file():
+            _use_disk_file(job, cache_id)
+        else:
+            raise UserError(
+                f"{job.npz}: another process wrote this latent cache file but it is not visible here; "
+                "caching to disk with several machines needs the dataset on a filesystem they share (or "
+                "use --cache_latents)"
+            )

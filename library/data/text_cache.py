@@ -30,6 +30,7 @@ import torch
 
 from library.data.captions import process_caption
 from library.data.npz_io import save_npz_atomically
+from library.data.sharing import ALONE, Share
 from library.errors import UserError
 
 if TYPE_CHECKING:
@@ -93,10 +94,12 @@ class TextCacheReport:
     encoded: int  # captions encoded (RAM) or files written (disk)
     reused: int  # valid disk files read
     to_disk: bool
+    encoded_here: int | None = None  # several processes: captions this one encoded
 
     def __str__(self) -> str:
         where = "disk" if self.to_disk else "RAM"
-        return f"text-encoder outputs ({where}): {self.encoded} encoded, {self.reused} reused"
+        here = f" ({self.encoded_here} captions by this process)" if self.encoded_here is not None else ""
+        return f"text-encoder outputs ({where}): {self.encoded} encoded{here}, {self.reused} reused"
 
 
 @dataclass
@@ -207,16 +210,38 @@ def _signature(outputs: Outputs) -> tuple:
 
 
 def _encode_all(
-    captions: list[str], encode: Encoder, batch_size: int, dtype: torch.dtype, show_progress: bool
-) -> dict[str, Outputs]:
+    captions: list[str],
+    encode: Encoder,
+    batch_size: int,
+    dtype: torch.dtype,
+    show_progress: bool,
+    share: Share = ALONE,
+) -> tuple[dict[str, Outputs], int]:
+    """(caption -> outputs for every caption, how many this process encoded). Several processes: chunk i
+    is encoded by process i % world and the outputs are exchanged after each round."""
     progress = None
-    if show_progress and len(captions) > batch_size:
+    if show_progress and len(captions) > batch_size and share.rank == 0:
         from tqdm import tqdm
 
         progress = tqdm(total=len(captions), desc="caching text-encoder outputs", unit="caption")
+    chunks = [captions[start : start + batch_size] for start in range(0, len(captions), batch_size)]
     encoded: dict[str, Outputs] = {}
-    for start in range(0, len(captions), batch_size):
-        chunk = captions[start : start + batch_size]
+    here = 0
+    for _, mine in share.rounds(len(chunks)):
+        mine_encoded = {} if mine is None else _encode_chunk(chunks[mine], encode, dtype)
+        here += len(mine_encoded)
+        for part in share.gather(mine_encoded):
+            encoded.update(part)
+            if progress is not None:
+                progress.update(len(part))
+    if progress is not None:
+        progress.close()
+    return encoded, here
+
+
+def _encode_chunk(chunk: list[str], encode: Encoder, dtype: torch.dtype) -> dict[str, Outputs]:
+    encoded: dict[str, Outputs] = {}
+    if chunk:
         with torch.no_grad():
             outputs = encode(chunk)
         reserved = [k for k in outputs if k in _OUR_KEYS]
@@ -227,11 +252,8 @@ def _encode_all(
             )
         outputs = {k: v.detach().to("cpu", dtype) for k, v in outputs.items()}
         for i, caption in enumerate(chunk):
-            encoded[caption] = {k: v[i] for k, v in outputs.items()}
-        if progress is not None:
-            progress.update(len(chunk))
-    if progress is not None:
-        progress.close()
+            # clone: a row would keep (and, sent to other processes, pickle) the whole chunk's storage
+            encoded[caption] = {k: v[i].clone() for k, v in outputs.items()}
     return encoded
 
 
@@ -246,12 +268,16 @@ def cache_text_outputs(
     flag: str = "--cache_text_encoder_outputs",
     show_progress: bool = True,
     file_suffix: str = NPZ_SUFFIX,
+    share: Share = ALONE,
 ) -> TextEncoderCache:
     """Encode the fixed caption of every item of the groups (training and validation) once, in sorted batches.
 
     `encode` maps captions to batch-first tensors (any device, no gradients needed); they are kept on the CPU
     in `dtype`. With `to_disk`, valid `<stem>_te_outputs.npz` files are read instead and every other image's
     file is (re)written. Raises UserError when a subset's captions are random or a file cannot be written.
+
+    Several processes (`share`): each encodes its share of the captions and the outputs are exchanged (the
+    step needs every caption's outputs in every process); stale files are written by process i % world.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -270,8 +296,10 @@ def cache_text_outputs(
                 stale.append(image)
             else:
                 loaded[image] = outputs
+    share.barrier()  # every process has read the existing files before any process writes one
     wanted = sorted({by_image[i] for i in stale} if to_disk else {caption for _, caption in pairs})
-    cache.entries.update(_encode_all(wanted, encode, batch_size, dtype, show_progress))
+    encoded_now, here = _encode_all(wanted, encode, batch_size, dtype, show_progress, share)
+    cache.entries.update(encoded_now)
     # Files from another version of the encoder code with the same id would break stacking mid-training.
     signatures = [_signature(o) for o in cache.entries.values()] or [_signature(o) for o in loaded.values()]
     if loaded:
@@ -281,12 +309,20 @@ def cache_text_outputs(
             del loaded[image]
         stale += mismatched
         missing = sorted({by_image[i] for i in mismatched} - set(cache.entries))
-        cache.entries.update(_encode_all(missing, encode, batch_size, dtype, show_progress))
+        encoded_now, more = _encode_all(missing, encode, batch_size, dtype, show_progress, share)
+        cache.entries.update(encoded_now)
+        here += more
     for image, outputs in loaded.items():
         cache.entries.setdefault(by_image[image], outputs)
-    for image in stale:
-        caption = by_image[image]
-        write_npz(te_npz_path(image, file_suffix), cache.entries[caption], caption, cache_id)
+    for i, image in enumerate(stale):
+        if i % share.world == share.rank:
+            caption = by_image[image]
+            write_npz(te_npz_path(image, file_suffix), cache.entries[caption], caption, cache_id)
     encoded = len(stale) if to_disk else len(wanted)
-    cache.report = TextCacheReport(encoded=encoded, reused=len(loaded), to_disk=to_disk)
+    cache.report = TextCacheReport(
+        encoded=encoded,
+        reused=len(loaded),
+        to_disk=to_disk,
+        encoded_here=here if share.world > 1 else None,
+    )
     return cache

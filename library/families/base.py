@@ -72,7 +72,7 @@ class ModelFamily(Protocol):
     text_cache_file_suffix: str
     # a DDPM schedule: min-SNR, debiased, v-pred loss scaling, zero terminal SNR
     snr_weighting_supported: bool
-    block_swap_supported: bool  # --blocks_to_swap (transformer families with a block list)
+    block_swap_supported: bool  # --blocks_to_swap (families whose denoiser runs as a list of blocks)
     # TrainConfig options only this family reads (e.g. FLUX's --clip_l, --guidance_scale). `inspect` gets their
     # values; shared code rejects them for families that do not list them. Recorded as ss_<name> metadata.
     option_names: tuple[str, ...]
@@ -140,10 +140,16 @@ class ModelFamily(Protocol):
         given, replaces `noise` in the model input only (kohya's ip_noise_gamma perturbation)."""
 
     def sample_timesteps(
-        self, bundle: ModelBundle, latents: torch.Tensor, min_timestep: int, max_timestep: int
+        self,
+        bundle: ModelBundle,
+        latents: torch.Tensor,
+        min_timestep: int,
+        max_timestep: int,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Training timesteps [B] on the latents' device, drawn there (no host sync). DDPM families: integers
-        in [min, max); flow families: sigma * 1000 from their own sampling scheme."""
+        """Training timesteps [B] on the latents' device, drawn there (no host sync) from `generator` (one on
+        that device; None: the global RNG). DDPM families: integers in [min, max); flow families: sigma *
+        1000 from their own sampling scheme."""
 
     def timestep_loss_weights(self, bundle: ModelBundle, timesteps: torch.Tensor) -> torch.Tensor | None:
         """Per-sample loss weights [B] the family's scheme puts on these timesteps (FLUX's sigma_sqrt /

@@ -334,12 +334,17 @@ class FluxFamily:
         return flow
 
     def sample_timesteps(
-        self, bundle: ModelBundle, latents: torch.Tensor, min_timestep: int, max_timestep: int
+        self,
+        bundle: ModelBundle,
+        latents: torch.Tensor,
+        min_timestep: int,
+        max_timestep: int,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         from library.training.flow import sample_sigmas, timesteps_from_sigmas
 
         sigmas = sample_sigmas(
-            self._flow(bundle), latents.shape[0], tuple(latents.shape[-2:]), latents.device
+            self._flow(bundle), latents.shape[0], tuple(latents.shape[-2:]), latents.device, generator
         )
         return timesteps_from_sigmas(sigmas)
 

@@ -65,7 +65,8 @@ def packed_forward(
     """Transformer velocity prediction [B, C, H, W] for noisy latents at `sigmas` [B]."""
     transformer = bundle.unet
     b, _, h, w = noisy.shape
-    dtype = next(transformer.parameters()).dtype
+    # The first wide float parameter: fp8 / int8 base weights (library/memory) are storage, not an input dtype.
+    dtype = next(p.dtype for p in transformer.parameters() if p.is_floating_point() and p.dtype.itemsize > 1)
     context = cond["t5_out"]
     img_ids, txt_ids = _ids(bundle, h, w, context.shape[1], noisy.device)
     extra: dict[str, Any] = {}

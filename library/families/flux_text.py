@@ -36,12 +36,12 @@ def _load_t5(folder: Path) -> Any:
 def _t5_from_hub(cache_dir: Path | None) -> Any | None:
     from transformers import AutoTokenizer
 
-    from library.families.sd_text import _hub_offline
+    from library.families.sd_text import _hub_offline, hub_cache_folder
 
-    try:
-        return AutoTokenizer.from_pretrained(T5_HUB, local_files_only=True)
-    except Exception:  # not cached
-        pass
+    for probe in ("tokenizer.json", "spiece.model"):
+        cached = hub_cache_folder(T5_HUB, None, probe)
+        if cached is not None:
+            return _load_t5(cached)
     if _hub_offline():
         return None
     try:

@@ -24,6 +24,7 @@ import torch
 from library.errors import UserError
 from library.families import sd_checkpoint as ckpt
 from library.families.base import ModelBundle, ModelInfo
+from library.families.sd_blocks import unet_swap_units
 from library.families.sd_text import encode_prompts as _encode_prompts
 from library.families.sd_text import resolve_tokenizer
 
@@ -77,12 +78,13 @@ def _reject_other_families(path: Path) -> None:
     cls = read_json(index).get("_class_name", "") if index.is_file() else ""
     unet_config = path / "unet" / "config.json"
     sdxl_unet = unet_config.is_file() and read_json(unet_config).get("addition_embed_type") is not None
-    if (path / "text_encoder_2").is_dir() or "XL" in cls or sdxl_unet:
-        raise UserError(f"{MODEL_FLAG}: {path} is an SDXL checkpoint; use sdxl_train_network.py")
+    # FLUX first: its folders have a text_encoder_2/ too
     if (path / "transformer").is_dir() or "Flux" in cls:
         raise UserError(
             f"{MODEL_FLAG}: {path} is a transformer-based model (FLUX?); use flux_train_network.py for FLUX"
         )
+    if (path / "text_encoder_2").is_dir() or "XL" in cls or sdxl_unet:
+        raise UserError(f"{MODEL_FLAG}: {path} is an SDXL checkpoint; use sdxl_train_network.py")
 
 
 def _inspect_folder(path: Path) -> tuple[str, dict[str, Any]]:
@@ -243,7 +245,7 @@ class StableDiffusionFamily:
     weighted_captions_supported = True
     text_encoder_outputs: tuple[tuple[str, ...], ...] = (("encoder_hidden_states",),)
     text_cache_file_suffix = "_te_outputs.npz"
-    block_swap_supported = False
+    block_swap_supported = True
     snr_weighting_supported = True
     script = "train_network.py"
 
@@ -360,11 +362,16 @@ class StableDiffusionFamily:
         return noisy, target
 
     def sample_timesteps(
-        self, bundle: ModelBundle, latents: torch.Tensor, min_timestep: int, max_timestep: int
+        self,
+        bundle: ModelBundle,
+        latents: torch.Tensor,
+        min_timestep: int,
+        max_timestep: int,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         from library.training.noise import sample_timesteps
 
-        return sample_timesteps(min_timestep, max_timestep, latents.shape[0], latents.device)
+        return sample_timesteps(min_timestep, max_timestep, latents.shape[0], latents.device, generator)
 
     def timestep_loss_weights(self, bundle: ModelBundle, timesteps: torch.Tensor) -> torch.Tensor | None:
         return None
@@ -390,7 +397,15 @@ class StableDiffusionFamily:
         return bundle.unet(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"]).sample
 
     def swap_plan(self, bundle: ModelBundle, blocks_to_swap: int) -> list[tuple[Any, int]]:
-        raise UserError("--blocks_to_swap: only for transformer (DiT) models such as FLUX.1")
+        """The last N of the UNet's units in execution order (library/families/sd_blocks.py), so the up
+        blocks, which hold most of the weights, are swapped first."""
+        units = unet_swap_units(bundle.unet)
+        if blocks_to_swap > len(units):
+            raise UserError(
+                f"--blocks_to_swap {blocks_to_swap}: this UNet has {len(units)} swappable blocks (resnets, "
+                f"attentions, down/upsamplers): use {len(units)} or fewer"
+            )
+        return [(units, blocks_to_swap)]
 
     def compile_blocks(self, bundle: ModelBundle) -> list[torch.nn.Module]:
         unet = bundle.unet

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from library.errors import UserError
+from library.errors import UserError, load_error_detail, refused_pickle
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -58,9 +58,13 @@ def _torch_load(path: Path, flag: str) -> StateDict:
         except RuntimeError:  # legacy (non-zip) format cannot be mmapped
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if refused := refused_pickle(e):
+            raise UserError(
+                f"{flag}: {path} is not a plain weights pickle ({refused}; refused, as it could run code): "
+                "convert it to .safetensors with a tool you trust, or get the .safetensors version"
+            ) from None
         raise UserError(
-            f"{flag}: {path} cannot be read as a weights-only .ckpt ({first}); "
+            f"{flag}: {path} cannot be read as a weights-only .ckpt ({load_error_detail(e)}); "
             "convert it to .safetensors with a trusted tool"
         ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

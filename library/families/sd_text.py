@@ -59,17 +59,26 @@ def _hub_offline() -> bool:
     return env in ("1", "true", "yes", "on") or bool(constants.HF_HUB_OFFLINE)
 
 
+def hub_cache_folder(repo: str, subfolder: str | None, filename: str) -> Path | None:
+    """The folder holding `filename` of `repo` in the Hugging Face cache, found on disk alone. Not
+    `from_pretrained(repo, local_files_only=True)`: huggingface_hub 2.x builds request headers even then, and
+    that fetches an agent registry from the hub, a connection the user never asked for."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo, f"{subfolder}/{filename}" if subfolder else filename)
+    except Exception:  # a malformed cache entry reads as "not cached"
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
 def _from_hub(repo: str, subfolder: str | None, cache_dir: Path | None) -> Any | None:
     from transformers import CLIPTokenizer
 
     kwargs = {"subfolder": subfolder} if subfolder else {}
-    try:  # already in the Hugging Face cache: no network needed
-        cached = CLIPTokenizer.from_pretrained(repo, local_files_only=True, **kwargs)
-        # transformers 5 returns an empty tokenizer instead of raising when nothing is cached.
-        if len(cached.get_vocab()) >= 256:
-            return cached
-    except Exception:  # any failure just means "not cached"
-        pass
+    cached = hub_cache_folder(repo, subfolder, "vocab.json")
+    if cached is not None and _is_tokenizer_dir(cached):  # already in the Hugging Face cache
+        return _load(cached)
     if _hub_offline():
         return None
     try:

@@ -14,12 +14,21 @@ host: the compute stream waits on a CUDA event, and `record_stream` keeps an evi
 being reused while kernels still read it. Trainable tensors inside a block stay on the device. The swapped
 blocks' Linear layers get the forward of library/memory/linear.py, which saves the weight parameter rather
 than a view of its storage, so an evicted block really leaves the device until its backward.
+
+A block list is any sequence of modules in execution order: FLUX's ModuleLists, or the SD/SDXL UNet's
+resnets, attentions and resamplers (library/families/sd_blocks.py), a plain list so that no module is
+registered twice on the model. Backward runs autograd nodes in reverse creation order, so block k's backward
+is over before block k - 1's output gradient is complete, skip connections included. Conv2d and GroupNorm
+(the UNet's resnets) save the weight parameter itself for backward when it is in the compute dtype, which it
+is in training (weights load in the mixed-precision dtype), so they need no forward of their own: backward
+reads the storage the parameter has then. (Under autocast a cast copy would be saved instead; that only
+happens with weights in another dtype, and GroupNorm's fp32 copy under CUDA autocast is a few KB.)
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -93,7 +102,8 @@ def _tensors(output: Any) -> list[torch.Tensor]:
 
 
 class BlockSwapper:
-    """Swap the last `blocks_to_swap` of `blocks` between pinned CPU memory and `device` (see the module doc).
+    """Swap the last `blocks_to_swap` of `blocks` (modules in execution order) between pinned CPU memory and
+    `device` (see the module doc).
 
     Apply to a model whose other parts are on `device` already and whose swapped blocks are anywhere (they
     are moved to pinned CPU memory here). Undo with `remove()`, which puts them on the device. On a device
@@ -102,7 +112,7 @@ class BlockSwapper:
 
     def __init__(
         self,
-        blocks: nn.ModuleList,
+        blocks: Sequence[nn.Module],
         blocks_to_swap: int,
         device: torch.device | str,
         *,
@@ -237,7 +247,7 @@ class _Offset:
         self.inner.evict(index - self.offset)
 
 
-def move_except_swapped(model: nn.Module, swapper: BlockSwapper, blocks: nn.ModuleList) -> None:
+def move_except_swapped(model: nn.Module, swapper: BlockSwapper, blocks: Sequence[nn.Module]) -> None:
     """Move `model` to the swapper's device, leaving the swapped blocks' frozen tensors in CPU memory (so
     the model never needs its full size on the device)."""
     if not swapper.active:
@@ -249,7 +259,7 @@ def move_except_swapped(model: nn.Module, swapper: BlockSwapper, blocks: nn.Modu
 
 
 def move_all_except_swapped(
-    model: nn.Module, pairs: list[tuple[BlockSwapper, nn.ModuleList]], device: torch.device
+    model: nn.Module, pairs: list[tuple[BlockSwapper, Sequence[nn.Module]]], device: torch.device
 ) -> None:
     """`move_except_swapped` for several block lists (FLUX's double and single blocks) at once."""
     skip = {

@@ -12,10 +12,13 @@ from typing import Any
 
 import torch
 
+from library import startup_gc
+from library.training import faults
+from library.training.ddp import data_parallel_forward, gradient_sync
 from library.training.metadata import per_save_metadata
-from library.training.optim import MaxNormReader, averaged_weights, max_norm_stats
+from library.training.optim import averaged_weights, max_norm_stats
 from library.training.profiling import StepProfiler
-from library.training.progress import Logger, LossAverage, LossReader
+from library.training.progress import MAX_NORM_KEYS, Logger, LossAverage
 from library.training.run import Run, timestamp
 from library.training.state import Progress, save_state
 from library.training.step import diffusion_loss
@@ -27,8 +30,9 @@ log = logging.getLogger("loratrain")
 class StepClock:
     """Optional per-step wall times for bench/ (env LORATRAIN_STEP_TIMES=path); costs nothing when unset."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.path = os.environ.get("LORATRAIN_STEP_TIMES")
+    def __init__(self, device: torch.device, main_process: bool = True) -> None:
+        # Every rank sees the same variable; only rank 0 writes the file.
+        self.path = os.environ.get("LORATRAIN_STEP_TIMES") if main_process else None
         self.sync = device.type == "cuda"
         self.ends: list[float] = []
 
@@ -79,6 +83,7 @@ def make_loader(run: Run) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
         batch_size=None,
         sampler=sampler,
         num_workers=workers,
+        worker_init_fn=faults.ignore_stop_signals,
         persistent_workers=run.config.persistent_data_loader_workers and workers > 0,
         pin_memory=acc.device.type == "cuda",
         # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run's
@@ -123,10 +128,14 @@ def network_state_for_save(network: torch.nn.Module, dtype: torch.dtype | None) 
     }
 
 
+def state_folder(run: Run, suffix: str, kind: str = "last") -> Path:
+    return Path(run.config.output_dir) / f"{output_name(run.config, kind)}{suffix}-state"
+
+
 def save_training_state(run: Run, suffix: str, progress: Progress, kind: str = "last") -> None:
     if not run.accelerator.is_main_process:
         return
-    folder = Path(run.config.output_dir) / f"{output_name(run.config, kind)}{suffix}-state"
+    folder = state_folder(run, suffix, kind)
     save_state(
         folder,
         network_state=run.network.state_dict(),
@@ -134,30 +143,21 @@ def save_training_state(run: Run, suffix: str, progress: Progress, kind: str = "
         scheduler=run.scheduler,
         scaler=run.accelerator.scaler,
         progress=progress,
-        extra={"max_train_steps": run.max_train_steps},
+        # family, script and network module: --resume checks them before loading weights.
+        extra={
+            "max_train_steps": run.max_train_steps,
+            "family": run.family.name,
+            "script": run.family.script,
+            "network_module": run.config.network_module,
+        },
     )
     log.info("saved state %s", folder)
 
 
-def _all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
-    """One coalesced all-reduce instead of one call per LoRA tensor."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
 def optimizer_step(run: Run) -> torch.Tensor | tuple | None:
-    """One optimizer step; returns --scale_weight_norms statistics (a device tensor: read it one step late)."""
+    """One optimizer step; returns --scale_weight_norms statistics (a device tensor: read with the next loss)."""
     acc = run.accelerator
-    if acc.num_processes > 1:
-        _all_reduce_grads(run.params, acc.num_processes)
+    # Several processes: the gradients are averaged already, by DDP during backward (library/training/ddp.py).
     # --fused_*: clipped per tensor/group inside backward, before each gradient is freed.
     if run.config.max_grad_norm and not getattr(run.optimizer, "clips_in_backward", False):
         acc.clip_grad_norm_(run.params, run.config.max_grad_norm)
@@ -167,6 +167,14 @@ def optimizer_step(run: Run) -> torch.Tensor | tuple | None:
     if run.config.scale_weight_norms:
         return max_norm_stats(run.network, run.config.scale_weight_norms, acc.device)
     return None
+
+
+def as_device_values(values: torch.Tensor | tuple, device: torch.device) -> torch.Tensor:
+    """Statistics as one device tensor, so reading them costs nothing extra; a third-party network's tuple may
+    mix host numbers and device tensors (copying a number to the device does not wait for it)."""
+    if isinstance(values, torch.Tensor):
+        return values
+    return torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in values])
 
 
 def _after_step_saves(run: Run, progress: Progress) -> None:
@@ -236,11 +244,39 @@ def step_profiler(run: Run) -> StepProfiler:
 def train_loop(run: Run) -> Path:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    with logging_redirect_tqdm():  # log lines (saves) print above the progress bar instead of through it
-        return _train_loop(run)
+    # log lines (saves) print above the progress bar instead of through it; SIGINT/SIGTERM stop after a step
+    with logging_redirect_tqdm(), faults.StopSignals() as stop:
+        return _train_loop(run, stop)
 
 
-def _train_loop(run: Run) -> Path:
+def _save_and_stop(
+    run: Run, stop: faults.StopSignals, guard: faults.NanGuard, nan_paths: list[str] | None
+) -> faults.StopRun:
+    """Save the LoRA and a resumable state under the step's name (as --save_every_n_steps would), then the
+    error to exit with. After a NaN loss the optimizer has not stepped: this is the last good state."""
+    progress = run.progress
+    if nan_paths is not None and getattr(run.optimizer, "clips_in_backward", False):
+        return guard.stepped_in_backward_error(progress.global_step + 1, nan_paths)  # nothing good to save
+    from library.training.launch import deepspeed_launch
+
+    suffix = f"-step{progress.global_step:08d}"
+    lora, state = save_path(run, suffix, "step"), state_folder(run, suffix, "step")
+    resumable = not deepspeed_launch()  # ZeRO partitions the optimizer state, which our states cannot hold
+    stop.saving = str(state if resumable else lora)
+    save_lora(run, lora, progress)
+    if resumable:
+        save_training_state(run, suffix, progress, "step")
+    run.accelerator.wait_for_everyone()  # a rank that exits first would make the launcher kill rank 0's save
+    if not run.accelerator.is_main_process:
+        return faults.StopRun("", 2 if nan_paths is not None else stop.exit_code)  # rank 0 tells the user
+    kept = str(state) if resumable else None
+    if nan_paths is not None:
+        return guard.stop_error(progress.global_step + 1, nan_paths, kept)
+    signum, step = stop.exit_code - 128, progress.global_step
+    return faults.interrupted_error(signum, step, run.max_train_steps, str(lora), kept)
+
+
+def _train_loop(run: Run, stop: faults.StopSignals) -> Path:
     from tqdm import tqdm
 
     from library.data.loader import raise_if_failed
@@ -248,8 +284,23 @@ def _train_loop(run: Run) -> Path:
     acc, cfg, progress = run.accelerator, run.config, run.progress
     loader, sampler = make_loader(run)
     accum = cfg.gradient_accumulation_steps
-    reader, average = LossReader(acc.device), LossAverage(run.batches_per_epoch)
-    norm_reader = MaxNormReader(acc.device)
+    # The step as a module (DDP-wrapped with several processes); the loss function is looked up here so a
+    # test's replacement of `diffusion_loss` in this module takes effect.
+    forward, run.optimizer = data_parallel_forward(
+        acc,
+        run.network,
+        run.family,
+        run.bundle,
+        run.step_options,
+        diffusion_loss,
+        optimizer=run.optimizer,
+        batch_size=cfg.train_batch_size,
+        max_grad_norm=cfg.max_grad_norm,
+    )
+    # The loop's one host read per optimizer step (`faults.step_verdict`): the step's loss, before the
+    # optimizer steps, so a NaN never reaches the weights; the stop-signal agreement between ranks and the
+    # previous step's max-norm statistics ride along. The epoch's mean loss (`extras`) is read once per epoch.
+    average = LossAverage(run.batches_per_epoch)
     from library.config import loggable_options
 
     main = acc.is_main_process
@@ -277,7 +328,7 @@ def _train_loop(run: Run) -> Path:
         disable=not acc.is_main_process,
     )
     run.network.train()
-    clock = StepClock(acc.device)
+    clock = StepClock(acc.device, acc.is_main_process)
     from library.training.extras import build_extras
 
     extras = build_extras(run, logger, bar)  # sample images, validation loss
@@ -285,56 +336,92 @@ def _train_loop(run: Run) -> Path:
     profiler = step_profiler(run)
     profiler.tick(progress.global_step)
 
-    def report(value: float | None, step: int, lrs: dict[str, float]) -> None:
-        if value is None:
-            return
-        avg = average.add(value)
-        extra = {"keys_scaled": int(lrs["max_norm/keys_scaled"])} if "max_norm/keys_scaled" in lrs else {}
-        bar.set_postfix(avr_loss=f"{avg:.4f}", **extra, refresh=False)
-        logger.log({"loss/current": value, "loss/average": avg, **lrs}, step)
+    postfix: dict[str, int] = {}
 
-    # The reader hands a step's loss back one step late; its lrs (as kohya, the scheduler's values after that
-    # step) wait with it, so each logged point pairs a step's loss with that step's lrs.
-    held_lrs: dict[str, float] = {}
+    def log_norms(values: tuple[float, ...] | list[float], step: int) -> None:
+        stats = dict(zip(MAX_NORM_KEYS, values, strict=True))
+        postfix["keys_scaled"] = int(stats[MAX_NORM_KEYS[0]])
+        logger.log(stats, step)
 
+    # --scale_weight_norms statistics of the last step, still on the device: read with the next step's loss.
+    pending_norms: torch.Tensor | None = None
+
+    guard = faults.NanGuard(cfg.skip_nan_steps)
+    stopping: tuple[str, list[str]] | None = None  # ("signal", []) or ("nan", the step's image paths)
+    startup_gc.before_training()  # full collections resume; what start-up built is frozen, not rescanned
     while progress.global_step < run.max_train_steps and progress.epoch < run.num_epochs:
         epoch = progress.epoch
         sampler.set_epoch(epoch, progress.batch_in_epoch)
-        pending, step_loss = 0, None
+        pending, step_loss, step_paths = 0, None, []
         for batch in loader:
             batch = raise_if_failed(batch)  # a worker's UserError (e.g. a corrupt image), as one clean line
-            loss = diffusion_loss(run.family, run.bundle, batch, run.step_options, acc.device, acc.autocast())
-            acc.backward(loss / accum)
+            # Only the micro-step before an optimizer step all-reduces its gradients.
+            steps_now = pending + 1 >= accum or progress.batch_in_epoch + 1 >= sampler.per_rank
+            with gradient_sync(acc, forward, steps_now):
+                loss = forward(batch)
+                acc.backward(loss / accum)
             step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+            step_paths += batch.get("image_paths", [])
             progress.batch_in_epoch += 1
             pending += 1
             if pending < accum and progress.batch_in_epoch < sampler.per_rank:
+                continue
+            step_mean = step_loss / pending
+            # Before the optimizer steps: a NaN must reach neither the weights nor the optimizer's moments. On
+            # CUDA this read waits for the step's backward (the step's one host read).
+            verdict = faults.step_verdict(step_mean, stop.received, acc.num_processes, pending_norms)
+            if pending_norms is not None:
+                log_norms(verdict.riders, progress.global_step)
+                pending_norms = None
+            if not verdict.finite:
+                run.optimizer.zero_grad(set_to_none=True)  # the step's gradients are dropped either way
+                # --fused_*: the optimizer stepped inside backward; there is nothing left to skip.
+                in_backward = getattr(run.optimizer, "clips_in_backward", False)
+                if in_backward or not guard.should_skip(progress.global_step + 1, step_paths):
+                    stopping = ("nan", step_paths)
+                    break
+                pending, step_loss, step_paths = 0, None, []
                 continue
             norm_stats = optimizer_step(run)
             progress.global_step += 1
             clock.tick()
             bar.update(1)
-            norms = norm_reader.push(norm_stats) if norm_stats is not None else {}
-            report(reader.push(step_loss / pending), progress.global_step - 1, {**held_lrs, **norms})
-            held_lrs = _lr_values(run)
-            extras.add_loss(step_loss / pending)
-            pending, step_loss = 0, None
+            if norm_stats is not None:
+                pending_norms = as_device_values(norm_stats, acc.device)
+            avg = average.add(verdict.loss)
+            bar.set_postfix(avr_loss=f"{avg:.4f}", **postfix, refresh=False)
+            # As kohya: the step's loss with the learning rates the scheduler set after it.
+            logger.log(
+                {"loss/current": verdict.loss, "loss/average": avg, **_lr_values(run)}, progress.global_step
+            )
+            extras.add_loss(step_mean)
+            pending, step_loss, step_paths = 0, None, []
+            if verdict.signal and progress.global_step < run.max_train_steps:
+                stopping = ("signal", [])
+                stop.received = stop.received or verdict.signal  # another rank's signal: the same exit status
+                break
             _after_step_saves(run, progress)
             extras.after_step(progress.global_step)
             profiler.tick(progress.global_step)
             if progress.global_step >= run.max_train_steps:
                 break
+        if stopping is not None:
+            break
         if progress.batch_in_epoch >= sampler.per_rank:
             progress.epoch += 1
             progress.batch_in_epoch = 0
             _after_epoch_saves(run, progress, epoch)
             extras.after_epoch(epoch + 1, progress.global_step)
-    report(reader.pop(), progress.global_step, {**held_lrs, **norm_reader.pop()})
+    if pending_norms is not None:
+        log_norms(pending_norms.tolist(), progress.global_step)
     clock.write()
     profiler.close()
     bar.close()
     logger.close()
+    if stopping is not None:
+        raise _save_and_stop(run, stop, guard, stopping[1] if stopping[0] == "nan" else None)
     final = save_path(run, "")
+    stop.saving = str(final)  # a signal now: the run is complete once this save ends
     save_lora(run, final, progress)
     if cfg.save_state or cfg.save_state_on_train_end:
         save_training_state(run, "", progress)

@@ -1,5 +1,5 @@
-"""Where the memory tricks of library/memory go for a run: fp8 base weights, block swapping, offloaded
-checkpointing. Top layer (reads the config); the family says which blocks can be swapped."""
+"""Where the memory tricks of library/memory go for a run: fp8 or int8 base weights, block swapping,
+offloaded checkpointing. Top layer (reads the config); the family says which blocks can be swapped."""
 
 from __future__ import annotations
 
@@ -26,6 +26,24 @@ def apply_fp8(config: TrainConfig, bundle: ModelBundle) -> None:
             # stays in the compute dtype (kohya patches T5 for the same reason).
             count += len(store_fp8(te, include=lambda name, _: not name.endswith(".wo")).modules)
     log.info("fp8 base weights: %d Linear layers stored as float8_e4m3fn", count)
+
+
+def apply_quantize_base(config: TrainConfig, bundle: ModelBundle) -> None:
+    """--quantize_base int8: the denoiser's frozen Linear layers as int8 (before any LoRA exists). Text
+    encoders stay as loaded: they run once per caption (or are cached), and transformers code casts
+    activations to weight dtypes (T5's `wo`)."""
+    if not config.quantize_base:
+        return
+    from library.memory.int8 import quantize_int8
+
+    handle = quantize_int8(bundle.unet)
+    log.info(
+        "int8 base weights: %d Linear layers of the denoiser, %.1f MB -> %.1f MB%s",
+        len(handle.modules),
+        handle.bytes_before / 2**20,
+        handle.bytes_after / 2**20,
+        f"; {len(handle.skipped)} left as loaded (shape)" if handle.skipped else "",
+    )
 
 
 def place_denoiser(

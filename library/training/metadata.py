@@ -7,8 +7,10 @@ the config directly.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -150,15 +152,20 @@ def training_metadata(
         "ss_max_validation_steps": config.max_validation_steps,
         "ss_validate_every_n_epochs": config.validate_every_n_epochs,
         "ss_validate_every_n_steps": config.validate_every_n_steps,
-        "ss_sd_model_name": Path(config.pretrained_model_name_or_path or "").name,
-        "ss_vae_name": Path(config.vae).name if config.vae else None,
     }
+    if config.metadata_include_paths:  # kohya writes these names always; they are names on the user's disk
+        md["ss_sd_model_name"] = Path(config.pretrained_model_name_or_path or "").name
+        md["ss_vae_name"] = Path(config.vae).name if config.vae else None
+    rename = _folder_renamer(dataset, keep=config.metadata_include_paths)
     md.update(info.training_metadata)
+    if config.quantize_base:  # ours (kohya has no such flag): written only when used
+        md["ss_quantize_base"] = config.quantize_base
     if network_args:
         md["ss_network_args"] = json.dumps(network_args)
     if config.dataset_config:
-        md["ss_datasets"] = json.dumps(dataset.dataset_metadata())
-        md["ss_dataset_dirs"] = json.dumps(dataset.dataset_dirs())  # kohya writes it for configs too
+        md["ss_datasets"] = json.dumps(_rename_datasets(dataset.dataset_metadata(), rename))
+        # kohya writes it for configs too
+        md["ss_dataset_dirs"] = json.dumps(_rename_keys(dataset.dataset_dirs(), rename))
     else:
         md.update(
             ss_batch_size_per_device=config.train_batch_size,
@@ -173,11 +180,11 @@ def training_metadata(
             ss_color_aug=config.color_aug,
             ss_random_crop=config.random_crop,
             ss_bucket_info=json.dumps(dataset.bucket_info()),
-            ss_dataset_dirs=json.dumps(dataset.dataset_dirs()),
-            ss_reg_dataset_dirs=json.dumps(dataset.dataset_dirs(reg=True)),
+            ss_dataset_dirs=json.dumps(_rename_keys(dataset.dataset_dirs(), rename)),
+            ss_reg_dataset_dirs=json.dumps(_rename_keys(dataset.dataset_dirs(reg=True), rename)),
             ss_total_batch_size=total_batch_size,
         )
-    md["ss_tag_frequency"] = json.dumps(dataset.tag_frequency())
+    md["ss_tag_frequency"] = json.dumps(_rename_keys(dataset.tag_frequency(), rename))
     out = {k: _s(v) for k, v in md.items()}
     out.update(modelspec(config, info, resolution, started))
     if config.no_metadata:
@@ -196,3 +203,50 @@ def _text_encoder_lr(values: list[float]) -> float | str | None:
     if not values:
         return None
     return values[0] if len(values) == 1 else str(list(values))
+
+
+# ----------------------------------------------------------------------------------- folder names (privacy)
+
+
+def _folder_renamer(dataset: Any, *, keep: bool) -> Callable[[str], str]:
+    """kohya names dataset folders (and fine-tune metadata files) in ss_dataset_dirs, ss_tag_frequency and
+    ss_datasets. Those names are the user's, so unless `keep` each becomes subset_<n>, numbered by first
+    appearance over all subsets of all datasets; the JSON shapes and counts stay as kohya writes them."""
+    if keep:
+        return lambda name: name
+    neutral: dict[str, str] = {}
+    for built in dataset.datasets:
+        for subset in built.spec.subsets:
+            real = (subset.metadata_file or subset.image_dir).name
+            neutral.setdefault(real, f"subset_{len(neutral)}")
+
+    def rename(name: str) -> str:
+        if name in neutral:
+            return neutral[name]
+        # kohya's suffix for a folder name seen before: "name (2)"
+        match = re.fullmatch(r"(.*) \((\d+)\)", name)
+        if match and match.group(1) in neutral:
+            return f"{neutral[match.group(1)]} ({match.group(2)})"
+        return "subset"  # never the real name, even for one this table does not know
+
+    return rename
+
+
+def _rename_keys(table: dict[str, Any], rename: Callable[[str], str]) -> dict[str, Any]:
+    return {rename(name): value for name, value in table.items()}
+
+
+def _rename_datasets(entries: list[dict[str, Any]], rename: Callable[[str], str]) -> list[dict[str, Any]]:
+    out = []
+    for entry in entries:
+        entry = dict(entry, tag_frequency=_rename_keys(entry.get("tag_frequency") or {}, rename))
+        subsets = []
+        for subset in entry.get("subsets", []):
+            subset = dict(subset)
+            for key in ("image_dir", "metadata_file"):
+                if isinstance(subset.get(key), str):
+                    subset[key] = rename(subset[key])
+            subsets.append(subset)
+        entry["subsets"] = subsets
+        out.append(entry)
+    return out

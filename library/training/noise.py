@@ -8,6 +8,7 @@ created where it is used, and random strengths stay device tensors (no `.item()`
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -112,3 +113,31 @@ def input_noise(
         return None
     gamma = _strength(options.ip_noise_gamma, options.ip_noise_gamma_random_strength, noise, generator)
     return noise + gamma * _randn(tuple(noise.shape), noise, generator)
+
+
+def keyed_draws(
+    seeds: Sequence[int],
+    latents: torch.Tensor,
+    options: NoiseOptions,
+    draw_timesteps: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(noise, timesteps, input-perturbation noise or None) for a batch, each sample drawn from a generator
+    seeded with its own seed (the dataset's `noise_seeds`).
+
+    Why not one draw from the process's RNG: a sample's noise must not depend on which process trains it or
+    which samples share its batch, so N processes x batch B train like one process x batch N*B, and a
+    resumed run draws what the uninterrupted one drew. Per sample, kohya's per-batch draws (noise-offset and
+    ip-noise random strengths, pyramid noise's normalisation) become per-sample ones. Host work only: the
+    generators live on the latents' device and nothing is read back.
+    """
+    noises, times, perturbed = [], [], []
+    for i, seed in enumerate(seeds):
+        generator = torch.Generator(device=latents.device).manual_seed(seed)
+        one = latents[i : i + 1]
+        noise = sample_noise(one, options, generator, random.Random(seed))
+        noises.append(noise)
+        times.append(draw_timesteps(one, generator))
+        extra = input_noise(noise, options, generator)
+        if extra is not None:
+            perturbed.append(extra)
+    return torch.cat(noises), torch.cat(times), torch.cat(perturbed) if perturbed else None

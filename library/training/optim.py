@@ -38,7 +38,6 @@ from library.training.schedules import (
 __all__ = [
     "LR_SCHEDULERS",
     "OPTIMIZERS",
-    "MaxNormReader",
     "ScheduleOptions",
     "averaged_weights",
     "build_optimizer",
@@ -108,39 +107,3 @@ def max_norm_stats(network: torch.nn.Module, max_norm: float, device: torch.devi
         return tuple(network.apply_max_norm_regularization(max_norm, device))
     except TypeError:
         return tuple(network.apply_max_norm_regularization(max_norm))
-
-
-class MaxNormReader:
-    """Reads the max-norm statistics one step late, like the loss (pinned non-blocking copy on CUDA)."""
-
-    KEYS = ("max_norm/keys_scaled", "max_norm/average_key_norm", "max_norm/max_key_norm")
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self._pending: tuple[Any, Any] | None = None
-        self._buffers = [torch.zeros(3, pin_memory=True) for _ in range(2)] if self.cuda else []
-        self._flip = 0
-
-    def push(self, stats: torch.Tensor | tuple) -> dict[str, float]:
-        """Queue this step's statistics; return the previous step's (empty on the first call)."""
-        previous = self.pop()
-        if isinstance(stats, torch.Tensor) and self.cuda:
-            buf = self._buffers[self._flip]
-            self._flip ^= 1
-            buf.copy_(stats.detach().float(), non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._pending = (buf, event)
-        else:
-            self._pending = (stats, None)
-        return previous
-
-    def pop(self) -> dict[str, float]:
-        if self._pending is None:
-            return {}
-        value, event = self._pending
-        self._pending = None
-        if event is not None:
-            event.synchronize()
-        values = value.tolist() if isinstance(value, torch.Tensor) else [float(v) for v in value]
-        return dict(zip(self.KEYS, values, strict=True))

@@ -143,6 +143,14 @@ def check_family_flags(config: TrainConfig, family: ModelFamily) -> None:
         )
     foreign_options(config, family)
     check_network_family(config, family)
+    from library.training.lora_inputs import check_lora_inputs
+
+    if config.resume:  # the family and network module a state recorded; then what its tensor names say
+        from library.training.state import check_state_fits
+
+        module = config.network_module
+        check_state_fits(Path(config.resume), family=family.name, script=family.script, network_module=module)
+    check_lora_inputs(config, family)
     encoders = len(family.tokenizer_flags)  # one tokenizer per text encoder
     if len(config.text_encoder_lr) > encoders:
         raise UserError(
@@ -160,9 +168,12 @@ def check_family_flags(config: TrainConfig, family: ModelFamily) -> None:
             f"{flag} needs --network_train_unet_only: a text-encoder LoRA changes the text encoder's outputs "
             "at every step, so they cannot be cached; add --network_train_unet_only or remove " + flag
         )
+    from library.memory.int8 import quantize_base_problems
+
+    problems += quantize_base_problems(config.quantize_base, config.fp8_base, config.fp8_base_unet)
     if not family.block_swap_supported and config.blocks_to_swap:
         problems.append(
-            f"--blocks_to_swap: only for transformer (DiT) models such as FLUX.1, not {family.script}"
+            f"--blocks_to_swap: {family.script} has no block list to swap; remove --blocks_to_swap"
         )
     if config.weighted_captions and not family.weighted_captions_supported:
         problems.append(
@@ -196,9 +207,29 @@ def check_family_flags(config: TrainConfig, family: ModelFamily) -> None:
         )
 
 
+def check_launch_flags(config: TrainConfig) -> None:
+    """DeepSpeed and FSDP launches (known from accelerate's environment) against the options."""
+    from library.training.launch import launch_problems
+    from library.training.optim import is_schedule_free, requested_optimizer
+
+    optimizer_type, _ = requested_optimizer(
+        config.optimizer_type, config.use_8bit_adam, config.use_lion_optimizer
+    )
+    problems = launch_problems(
+        save_state=config.save_state or config.save_state_on_train_end,
+        resume=bool(config.resume),
+        fused=config.fused_backward_pass or bool(config.fused_optimizer_groups),
+        schedule_free=is_schedule_free(optimizer_type),
+        stochastic_rounding=config.full_bf16,
+    )
+    if problems:
+        raise UserError(*problems)
+
+
 def preflight(config: TrainConfig, family: ModelFamily) -> Preflight:
     """Seed, dataset scan and model inspection, all problems in one UserError; prints the plan (rank 0)."""
     check_family_flags(config, family)
+    check_launch_flags(config)
     seed = run_seed(config)
     log.info("seed: %d", seed)
     dataset, info = R.scan_dataset_and_model(config, family, seed)
@@ -239,6 +270,8 @@ def dry_run(config: TrainConfig, family: ModelFamily) -> None:
     if not config.debug_dataset:
         print("dry run: nothing was trained and no weights were loaded", flush=True)
         return
+    if not R.is_main_process():
+        return  # rank 0 writes the previews
     from library.data.debug_preview import write_debug_previews
 
     folder = Path(config.debug_dataset_dir or Path(config.output_dir or ".") / "debug_dataset")

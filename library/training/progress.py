@@ -1,4 +1,4 @@
-"""Loss bookkeeping without stalling the GPU, a tqdm bar, and TensorBoard scalars."""
+"""Loss bookkeeping (kohya's moving average), a tqdm bar, and TensorBoard/wandb scalars."""
 
 from __future__ import annotations
 
@@ -6,45 +6,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-import torch
-
-
-class LossReader:
-    """Reads a device scalar one optimizer step late, so the host never waits for the GPU.
-
-    On CUDA the loss is copied into pinned memory with `non_blocking=True` and an event marks completion;
-    the value is read at the next call, by which time that copy has long finished. On CPU this is a plain read.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self._pending: tuple[torch.Tensor, object] | None = None
-        if self.cuda:
-            self._buffers = [torch.zeros((), pin_memory=True) for _ in range(2)]
-            self._flip = 0
-
-    def push(self, value: torch.Tensor) -> float | None:
-        """Queue `value`; return the previously queued value (None on the first call)."""
-        previous = self.pop()
-        if self.cuda:
-            buf = self._buffers[self._flip]
-            self._flip ^= 1
-            buf.copy_(value.detach(), non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._pending = (buf, event)
-        else:
-            self._pending = (value.detach(), None)
-        return previous
-
-    def pop(self) -> float | None:
-        if self._pending is None:
-            return None
-        value, event = self._pending
-        self._pending = None
-        if event is not None:
-            event.synchronize()
-        return float(value)
+# The --scale_weight_norms statistics as logged (kohya's tags), in the order `max_norm_stats` returns them.
+MAX_NORM_KEYS = ("max_norm/keys_scaled", "max_norm/average_key_norm", "max_norm/max_key_norm")
 
 
 class LossAverage:

@@ -199,7 +199,11 @@ def make_accelerator(mixed_precision: str) -> Any:
     # accelerate keeps the first Accelerator's precision in a process-wide singleton and refuses another
     # one; a later run in the same process (tests, a GUI) starts clean. The process group (PartialState) stays.
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision)
+    from library.training.launch import accelerator_options, check_world
+
+    accelerator = Accelerator(mixed_precision=mixed_precision, **accelerator_options())
+    check_world(accelerator.num_processes)
+    return accelerator
 
 
 def weight_dtype_for(mixed_precision: str) -> torch.dtype:
@@ -216,9 +220,20 @@ def latent_cache_id(config: TrainConfig, family: ModelFamily) -> str:
 
 
 def cache_latents_if_needed(
-    config: TrainConfig, run_family: ModelFamily, bundle: ModelBundle, dataset: Any, device: torch.device
+    config: TrainConfig,
+    run_family: ModelFamily,
+    bundle: ModelBundle,
+    dataset: Any,
+    device: torch.device,
+    *,
+    share: Any = None,
+    seed: int | None = None,
 ) -> Any:
-    """The CacheReport, or None when latents are not cached."""
+    """The CacheReport, or None when latents are not cached. `share` (library.data.sharing.Share): this
+    process's part of a multi-process launch; `seed`: the run's seed, so sampled latents do not depend on
+    how the encoding was split."""
+    from library.data.sharing import ALONE
+
     if not (config.cache_latents or config.cache_latents_to_disk):
         return None
     from library.data.latent_cache import cache_latents
@@ -239,6 +254,8 @@ def cache_latents_if_needed(
         file_suffix=run_family.latent_file_suffix,
         multi_resolution=run_family.latent_multi_resolution,
         skip_check=config.skip_cache_check,
+        share=share or ALONE,
+        seed=seed,
     )
     log.info("latents: %s", report)
     bundle.vae.to("cpu")  # the VAE is not needed again; free device memory for training
@@ -307,16 +324,23 @@ def prepare(config: TrainConfig, family: ModelFamily) -> Run:
 
 
 def train(config: TrainConfig, family_name: str = "sd") -> Path | None:
-    """Run training; returns the final LoRA path (None after --output_config, --dry_run, --debug_dataset)."""
+    """Run training; returns the final LoRA path (None after --output_config, --estimate_memory, --dry_run,
+    --debug_dataset)."""
     if config.output_config:
         # kohya semantics: record the options and stop; nothing runs, so nothing else needs checking.
-        write_output_config(config, Path(config.output_config))
-        print(f"wrote resolved options to {config.output_config}")
+        if is_main_process():  # one writer in a multi-process launch
+            write_output_config(config, Path(config.output_config))
+            print(f"wrote resolved options to {config.output_config}")
         return None
     validate_or_raise(config)
     from library.families import get_family
 
     family = get_family(family_name)
+    if config.estimate_memory:
+        from library.training.estimate_run import print_estimate
+
+        print_estimate(config, family)
+        return None
     if config.dry_run or config.debug_dataset:
         from library.training.preflight import dry_run
 

@@ -173,5 +173,7 @@ def _with_seed(prompt: SamplePrompt, seed: int) -> SamplePrompt:
 
 def pause_bar(bar: Any, seconds: float) -> None:
     """Shift a tqdm bar's clocks so `seconds` spent outside training count neither in its it/s nor its ETA."""
+    if getattr(bar, "disable", False):
+        return  # a disabled bar (ranks other than 0) has no clocks
     bar.start_t += seconds
     bar.last_print_t += seconds

@@ -13,8 +13,15 @@ from library.errors import UserError
 from library.families.base import ModelFamily
 from library.training import optim
 from library.training import run as R
+from library.training.ddp import process_share
+from library.training.launch import deepspeed_launch
 from library.training.losses import LossOptions
-from library.training.memory_setup import apply_fp8, enable_checkpointing, place_denoiser
+from library.training.memory_setup import (
+    apply_fp8,
+    apply_quantize_base,
+    enable_checkpointing,
+    place_denoiser,
+)
 from library.training.metadata import training_metadata
 from library.training.noise import NoiseOptions
 from library.training.preflight import preflight
@@ -161,9 +168,11 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
             config.base_weights, config.base_weights_multiplier, bundle.text_encoders, bundle.unet
         )
     apply_fp8(config, bundle)
+    apply_quantize_base(config, bundle)
     if config.zero_terminal_snr:
         family.enforce_zero_terminal_snr(bundle)
-    cached = R.cache_latents_if_needed(config, family, bundle, dataset, device)
+    share = process_share(accelerator)  # caches split their encoding over the launch's processes
+    cached = R.cache_latents_if_needed(config, family, bundle, dataset, device, share=share, seed=seed)
     if not cached:
         bundle.vae.to(device)
     max_token_length = None if config.max_token_length in (None, 75) else config.max_token_length
@@ -176,6 +185,7 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
         dtype=weight_dtype,
         max_token_length=max_token_length,
         autocast=accelerator.autocast,
+        share=share,
     )
 
     train_unet = not config.network_train_text_encoder_only
@@ -215,7 +225,8 @@ def build_run(config: TrainConfig, family: ModelFamily) -> R.Run:
         num_processes=accelerator.num_processes,
     )
     scheduler, warmup, scheduler_desc = _schedule(config, optimizer, optimizer_type, opt_args, max_steps)
-    optimizer = accelerator.prepare(optimizer)
+    if not deepspeed_launch():  # DeepSpeed takes the optimizer with the model (library/training/ddp.py)
+        optimizer = accelerator.prepare(optimizer)
 
     progress = Progress(seed=seed)
     if config.resume:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 
 from library.errors import UserError
+from library.training.atomic import atomic_folder, disk_full_is_user_error
 
 STATE_FILE = "train_state.json"
 
@@ -50,6 +50,16 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
 def save_state(
     folder: Path,
     *,
@@ -60,32 +70,51 @@ def save_state(
     progress: Progress,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write into `<folder>.tmp`, then swap into place, so an interrupted save never leaves half a state."""
+    """Write the state so that a crash at any point leaves the previous `folder` intact (library.training.
+    atomic: temp folder, fsync'ed files, one swap). `extra` goes into train_state.json (the run's
+    max_train_steps, and the `family` / `network_module` that `check_state_fits` compares on --resume)."""
     from safetensors.torch import save_file
 
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in network_state.items()}, str(tmp / "network.safetensors")
-    )
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    if scaler is not None:
-        torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / STATE_FILE).write_text(json.dumps({**asdict(progress), **(extra or {})}, indent=2))
-    if folder.exists():
-        old = folder.with_name(folder.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(folder)
+    optimizer_state = optimizer.state_dict()
+    needed = _tensor_bytes(network_state) + _tensor_bytes(optimizer_state) + 2**20
+    with disk_full_is_user_error(folder, needed), atomic_folder(folder) as tmp:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in network_state.items()},
+            str(tmp / "network.safetensors"),
+        )
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        (tmp / STATE_FILE).write_text(json.dumps({**asdict(progress), **(extra or {})}, indent=2))
     return folder
+
+
+def check_state_fits(folder: Path, *, family: str, script: str, network_module: str) -> None:
+    """--resume from a state another script or network module saved: one line, before any weights load.
+    States from before these keys were recorded pass (their tensor names are checked when loading)."""
+    if folder.name.endswith((".tmp", ".old")):
+        raise UserError(
+            f"--resume: {folder} is the leftover of an interrupted save, not a finished state; resume from "
+            f"{folder.with_suffix('')} instead"
+        )
+    try:
+        data = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return  # validation reports a missing or unreadable train_state.json
+    saved_family, saved_script = data.get("family"), data.get("script")
+    if saved_family is not None and saved_family != family:
+        raise UserError(
+            f"--resume: {folder} is a state of {saved_script} (model family {saved_family}), which {script} "
+            f"cannot continue; resume it with {saved_script}"
+        )
+    saved_module = data.get("network_module")
+    if saved_module is not None and saved_module != network_module:
+        raise UserError(
+            f"--resume: {folder} was saved with --network_module {saved_module}, not {network_module}; pass "
+            f"--network_module {saved_module} to resume it"
+        )
 
 
 def read_progress(folder: Path) -> tuple[Progress, dict[str, Any]]:

@@ -15,7 +15,7 @@ from library.training.losses import (
     per_element_loss,
     weight_per_sample_loss,
 )
-from library.training.noise import NoiseOptions, input_noise, sample_noise
+from library.training.noise import NoiseOptions, input_noise, keyed_draws, sample_noise
 
 
 @dataclass(frozen=True)
@@ -100,18 +100,33 @@ def diffusion_loss(
 ) -> torch.Tensor:
     """Mean loss of one micro-batch (a 0-dim tensor on `device`; never synchronises the host).
 
-    Validation passes fixed `timesteps` ([B] long) and `noise` (like the latents) instead of sampling them."""
+    Validation passes fixed `timesteps` ([B] long) and `noise` (like the latents) instead of sampling them.
+    A dataset batch carries `noise_seeds`: each sample's noise and timestep come from its own seed
+    (`keyed_draws`); a batch without them draws from the global RNG."""
     latents = batch_latents(family, bundle, batch, device).to(device)
     with autocast or nullcontext():
         cond = {
             **text_conditioning(family, bundle, batch["captions"], options, device),
             **family.batch_conditioning(bundle, batch, device),
         }
-        if noise is None:
-            noise = sample_noise(latents, options.noise)
-        if timesteps is None:
-            timesteps = family.sample_timesteps(bundle, latents, options.min_timestep, options.max_timestep)
-        perturbed = input_noise(noise, options.noise)
+        seeds = batch.get("noise_seeds")
+        if noise is None and timesteps is None and seeds is not None:
+            noise, timesteps, perturbed = keyed_draws(
+                seeds,
+                latents,
+                options.noise,
+                lambda one, generator: family.sample_timesteps(
+                    bundle, one, options.min_timestep, options.max_timestep, generator=generator
+                ),
+            )
+        else:
+            if noise is None:
+                noise = sample_noise(latents, options.noise)
+            if timesteps is None:
+                timesteps = family.sample_timesteps(
+                    bundle, latents, options.min_timestep, options.max_timestep
+                )
+            perturbed = input_noise(noise, options.noise)
         extra = {} if perturbed is None else {"input_noise": perturbed}
         noisy, target = family.noisy_input_and_target(bundle, latents, noise, timesteps, **extra)
         pred = family.predict(bundle, noisy.to(options.weight_dtype), timesteps, cond)

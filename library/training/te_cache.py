@@ -19,6 +19,7 @@ import torch
 
 from library.config import TrainConfig
 from library.data.latent_npz import file_stamp
+from library.data.sharing import ALONE, Share
 from library.data.text_cache import TextEncoderCache, cache_text_outputs
 from library.families.base import ModelBundle, ModelFamily
 
@@ -140,9 +141,11 @@ def cache_text_encoder_outputs_if_needed(
     dtype: torch.dtype,
     max_token_length: int | None,
     autocast: Callable[[], AbstractContextManager] | None = None,
+    share: Share = ALONE,
 ) -> TextEncoderCache | None:
     """The cache of every training and validation caption (None when not asked for); the text encoders end
-    on the CPU. `max_token_length` as the step gets it (None for 75)."""
+    on the CPU. `max_token_length` as the step gets it (None for 75); `share`: this process's part of a
+    multi-process launch (the outputs are exchanged, see library/data/text_cache.py)."""
     if not caching_text(config):
         return None
     groups = [dataset] + [v for v in [dataset.validation()] if v is not None]
@@ -165,6 +168,7 @@ def cache_text_encoder_outputs_if_needed(
         dtype=dtype,
         flag=cache_flag(config),
         file_suffix=family.text_cache_file_suffix,
+        share=share,
     )
     log.info("%s", cache.report)
     for te in bundle.text_encoders:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -171,6 +171,22 @@ def family_from_keys(state: Mapping[str, torch.Tensor]) -> str | None:
         if any(rx.search(k) for k in keys):
             return _sd_version(state) if family == "sd" else family
     return "sdxl" if any(_LORA_TE1.search(k) for k in keys) else None
+
+
+# SD 1.x/2.x evidence that no SDXL file has (the last _KEY_EVIDENCE row also matches SDXL's generic names):
+# kohya's single text encoder prefix, attention in the first down block.
+_SD_ONLY = re.compile(r"^lora_te_|down_blocks[._]0[._]attentions[._]")
+
+
+def coarse_family_from_names(keys: Iterable[str]) -> str | None:
+    """The family ("sd", "sdxl" or "flux") from module names alone (a safetensors header is enough), decided
+    only by names no other family has; None when they do not tell (e.g. only lora_te1_ modules, shared by SDXL
+    and FLUX, or a few UNet modules both SD and SDXL have)."""
+    keys = list(keys)
+    for family, rx in (*_KEY_EVIDENCE[:-1], ("sd", _SD_ONLY)):
+        if any(rx.search(k) for k in keys):
+            return family
+    return None
 
 
 def detect_family(

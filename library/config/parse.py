@@ -281,8 +281,10 @@ def write_output_config(config: TrainConfig, path: Path) -> None:
         if value is None:
             continue
         grouped.setdefault(_FIELDS[name].metadata["group"], {})[name] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(toml.dumps(grouped), encoding="utf-8")
+    from networks.lora_file import atomic_write
+
+    text = toml.dumps(grouped).encode("utf-8")
+    atomic_write(path, lambda f: f.write(text))
 
 
 # Never sent to a tracker by --log_config (kohya's filter): secrets, and paths that reveal the user's files.

@@ -158,11 +158,21 @@ class ImageSampler:
         paths = []
         for prompt, image in zip(prompts, images, strict=True):
             path = self.out_dir / image_name(self.output_name, prompt, step, epoch, stamp)
-            image.save(path)
+            _save_image(image, path)
             paths.append(path)
             logger.image(f"sample/{prompt.index:02d}", image, step)
         log.info("sampled %d images at step %d into %s", len(paths), step, self.out_dir)
         return paths
+
+
+def _save_image(image: Any, path: Path) -> None:
+    """Atomically (temp file + fsync + rename): a run killed mid-save never leaves a truncated sample."""
+    from PIL import Image
+
+    from networks.lora_file import atomic_write
+
+    image_format = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    atomic_write(path, lambda f: image.save(f, format=image_format))
 
 
 def _with_seed(prompt: SamplePrompt, seed: int) -> SamplePrompt:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -165,7 +164,8 @@ def extract_metadata(
         "ss_network_alpha": str(float(dim)),
         "ss_network_args": json.dumps(args),
         "ss_training_comment": (
-            f"extracted with tools/extract_lora.py from {Path(org.root).name} -> {Path(tuned.root).name} "
+            # No model file or folder names: they are names from the user's machine (see --metadata_include_paths).
+            f"extracted with tools/extract_lora.py "
             f"(dim {dim}, conv_dim {conv_dim}, clamp_quantile {clamp_quantile}, min_diff {min_diff})"
         ),
     }

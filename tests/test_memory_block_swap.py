@@ -10,6 +10,7 @@ import logging
 
 import pytest
 import torch
+from swap_helpers import PoisonMover
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -30,41 +31,6 @@ class Block(nn.Module):
         return x + torch.tanh(self.base(x) + self.up(self.down(x)) + self.shift)
 
 
-class PoisonMover:
-    """Records the calls; an evicted block's frozen tensors hold NaN until fetched again."""
-
-    def __init__(self, blocks: nn.ModuleList, swapper_ref: list) -> None:
-        self.blocks, self.swapper_ref = blocks, swapper_ref
-        self.real = {
-            i: [t.detach().clone() for t in self._frozen(i)] for i in range(len(blocks))
-        }  # the "CPU copies"
-        self.calls: list[tuple[str, int]] = []
-        self.max_resident = 0
-
-    def _frozen(self, i: int) -> list[torch.Tensor]:
-        block = self.blocks[i]
-        return [block.base.weight, block.base.bias, block.shift]
-
-    def poison_all(self, first: int) -> None:
-        for i in range(first, len(self.blocks)):
-            for t in self._frozen(i):
-                t.data = torch.full_like(t, float("nan"))
-
-    def fetch(self, index: int) -> None:
-        self.calls.append(("fetch", index))
-        for t, real in zip(self._frozen(index), self.real[index], strict=True):
-            t.data = real.clone()
-        self.max_resident = max(self.max_resident, len(self.swapper_ref[0].resident) + 1)
-
-    def wait(self, index: int) -> None:
-        self.calls.append(("wait", index))
-
-    def evict(self, index: int) -> None:
-        self.calls.append(("evict", index))
-        for t in self._frozen(index):
-            t.data = torch.full_like(t, float("nan"))
-
-
 def _model(n: int = 4) -> nn.ModuleList:
     torch.manual_seed(0)
     return nn.ModuleList([Block() for _ in range(n)])
@@ -72,7 +38,7 @@ def _model(n: int = 4) -> nn.ModuleList:
 
 def _swapped(blocks: nn.ModuleList, count: int) -> tuple[BlockSwapper, PoisonMover]:
     ref: list = []
-    mover = PoisonMover(blocks, ref)
+    mover = PoisonMover(list(blocks), ref)
     mover.poison_all(len(blocks) - count)  # swapped blocks start away from the "device"
     swapper = BlockSwapper(blocks, count, "cpu", mover=mover)
     ref.append(swapper)
@@ -177,7 +143,7 @@ def test_remove_and_range_checks():
 def test_move_except_swapped_leaves_swapped_blocks_in_cpu_memory():
     blocks = _model(3)
     model = nn.Sequential(nn.Linear(8, 8), blocks)
-    swapper = BlockSwapper(blocks, 1, "meta", mover=PoisonMover(blocks, []))
+    swapper = BlockSwapper(blocks, 1, "meta", mover=PoisonMover(list(blocks), []))
     move_except_swapped(model, swapper, blocks)
     assert model[0].weight.device.type == "meta" and blocks[1].base.weight.device.type == "meta"
     assert blocks[2].down.weight.device.type == "meta"  # trainable: goes to the device

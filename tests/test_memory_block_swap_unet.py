@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from swap_helpers import PoisonMover
+from swap_helpers import frozen_tensors as _frozen
 from torch import nn
 from train_helpers import db_args, error_lines, make_images, run_main, run_sdxl
 
@@ -44,10 +46,6 @@ def _inputs(kind: str) -> tuple[tuple, dict]:
             "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2),
         }
     return (x, torch.tensor([10, 700])), kwargs
-
-
-def _frozen(unit: nn.Module) -> list[torch.Tensor]:
-    return [p for p in unit.parameters() if not p.requires_grad] + list(unit.buffers())
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
@@ -81,35 +79,6 @@ def test_real_models_unit_counts():
     # The up blocks hold most of the weight (why N counts from the end).
     up = sum(p.numel() for p in sdxl.up_blocks.parameters())
     assert up / sum(p.numel() for p in sdxl.parameters()) > 0.5
-
-
-class PoisonMover:
-    """Records the calls; an evicted unit's frozen tensors hold NaN (in place) until fetched again."""
-
-    def __init__(self, units: list[nn.Module], swapper_ref: list) -> None:
-        self.units, self.swapper_ref = units, swapper_ref
-        self.real = {i: [t.detach().clone() for t in _frozen(u)] for i, u in enumerate(units)}
-        self.calls: list[tuple[str, int]] = []
-        self.max_resident = 0
-
-    def poison_all(self, first: int) -> None:
-        for unit in self.units[first:]:
-            for t in _frozen(unit):
-                t.data = torch.full_like(t, float("nan"))
-
-    def fetch(self, index: int) -> None:
-        self.calls.append(("fetch", index))
-        for t, real in zip(_frozen(self.units[index]), self.real[index], strict=True):
-            t.data = real.clone()
-        self.max_resident = max(self.max_resident, len(self.swapper_ref[0].resident) + 1)
-
-    def wait(self, index: int) -> None:
-        self.calls.append(("wait", index))
-
-    def evict(self, index: int) -> None:
-        self.calls.append(("evict", index))
-        for t in _frozen(self.units[index]):
-            t.data.fill_(float("nan"))  # the storage it had: a view saved in forward would read NaN
 
 
 class StillMover:

@@ -308,18 +308,14 @@ class LoRANetwork(nn.Module):
             if state[k].shape != own[k].shape
         ]
         if wrong or (strict and (missing or unexpected)):
-            problems = [
+            example = (wrong or missing or unexpected)[0]
+            kind = "wrong shape" if wrong else "missing" if missing else "unexpected"
+            # One line: the counts, the first example and the fix (kohya prints every key).
+            raise UserError(
                 f"{where}: does not match this network ({len(missing)} missing, {len(unexpected)} unexpected, "
-                f"{len(wrong)} wrong shape); use a LoRA made for this model with the same network_dim/conv_dim, "
-                "or add --dim_from_weights to take the shapes from the file"
-            ]
-            if missing:
-                problems.append(f"missing keys ({len(missing)}): {_preview(missing)}")
-            if unexpected:
-                problems.append(f"unexpected keys ({len(unexpected)}): {_preview(unexpected)}")
-            if wrong:
-                problems.append(f"shape mismatches ({len(wrong)}): {_preview(wrong)}")
-            raise UserError(*problems)
+                f"{len(wrong)} wrong shape; e.g. {kind}: {example}); use a LoRA made for this model with the same "
+                "network_dim/conv_dim, or add --dim_from_weights to take the shapes from the file"
+            )
         if missing or unexpected:
             logger.warning(
                 "%s: %d keys missing, %d unexpected (loaded the rest): %s",

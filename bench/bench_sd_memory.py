@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_sdxl import _mem_available_gib, _vm_rss_kib  # noqa: E402
+from bench_sdxl import _mem_available_gib, _vm_rss_kib, random_unet  # noqa: E402
 
 LORA_RANK = 16
 # SD1.5's UNet: diffusers UNet2DConditionModel defaults (block_out_channels 320/640/1280/1280, 2 layers per
@@ -63,26 +63,8 @@ NEEDS_GIB = 10  # fp32 weights (3.2 GiB) + fp32 activations of a 64x64 step with
 
 
 def build_unet(dtype):
-    """The SD1.5 UNet in `dtype`, never materialised in float32 unless asked: meta -> dtype -> filled."""
-    import torch
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-
-    with init_empty_weights():
-        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
-    unet = unet.to(dtype).to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                param.fill_(1.0)
-            elif name.endswith("bias"):
-                param.zero_()
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
-        for buffer in unet.buffers():
-            buffer.zero_()
-    return unet.requires_grad_(False)
+    """The SD1.5 UNet in `dtype` (bench_sdxl.random_unet: no float32 copy unless asked)."""
+    return random_unet(SD15_UNET_CONFIG, dtype)
 
 
 def _vm_hwm_kib() -> int:

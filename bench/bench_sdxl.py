@@ -156,17 +156,17 @@ def _vm_rss_kib() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def build_real_unet():
-    """The real-size SDXL UNet in bf16, never materialised in float32: meta -> bf16 -> filled in place."""
+def random_unet(config: dict, dtype):
+    """A UNet2DConditionModel of `config` in `dtype`, never materialised in float32 unless asked: meta ->
+    dtype -> filled in place (norm weights 1, biases 0, other weights N(0, 0.02): small weights keep the
+    activations of many random transformer blocks finite in bf16)."""
     import torch
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from library.families.tiny_sdxl import REAL_UNET_CONFIG
-
     with init_empty_weights():
-        unet = UNet2DConditionModel(**REAL_UNET_CONFIG)
-    unet = unet.to(torch.bfloat16).to_empty(device="cpu")
+        unet = UNet2DConditionModel(**config)
+    unet = unet.to(dtype).to_empty(device="cpu")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in unet.named_parameters():
@@ -175,11 +175,19 @@ def build_real_unet():
             elif name.endswith("bias"):
                 param.zero_()
             else:
-                # Small weights keep the 70 random transformer blocks' activations finite in bf16.
                 param.normal_(0.0, 0.02, generator=generator)
         for buffer in unet.buffers():
             buffer.zero_()
     return unet.requires_grad_(False)
+
+
+def build_real_unet():
+    """The real-size SDXL UNet in bf16."""
+    import torch
+
+    from library.families.tiny_sdxl import REAL_UNET_CONFIG
+
+    return random_unet(REAL_UNET_CONFIG, torch.bfloat16)
 
 
 def real_unet_step() -> dict:

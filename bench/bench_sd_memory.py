@@ -15,9 +15,9 @@ weights before fp8 conversion, does not count), the process peak (ru_maxrss) and
 
     python bench/bench_sd_memory.py [--resolution 512] [--settings a b c d] [--malloc_trim]
 
-Without --malloc_trim, glibc keeps part of the heap that fp8 conversion frees (the bf16 Linear weights, in
-allocations under its mmap threshold), so RSS before the step does not show the fp8 saving; the step's peak
-still does, as the step reuses that heap.
+After fp8/int8 conversion the bench returns glibc's freed heap to the OS, as the trainer does
+(library/memory/host.py): without it, glibc keeps the converted layers' wider copies and RSS before the step
+does not show the saving. --malloc_trim trims after every setting's build too.
 
 Prints a table and a JSON line, then the memory model's expected peak (library/memory/estimate.py, what
 --estimate_memory computes, here with the CPU's autocast op lists and glibc's retention term) next to each
@@ -28,7 +28,6 @@ non-zero when any setting is off by more than 15%.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import resource
 import subprocess
@@ -82,20 +81,13 @@ def _reset_hwm() -> bool:
         return False
 
 
-def _malloc_trim() -> bool:
-    """Hand glibc's freed heap back to the OS (False where there is no glibc)."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
-
-
 def step(setting: str, resolution: int, trim: bool = False) -> dict:
     """One training step of `setting` in this process; call in a fresh one (see `run_all`)."""
     import diffusers  # noqa: F401  (imported before the baseline: it is process overhead, not the step's)
     import torch
 
     import networks.lora as lora
+    from library.memory.host import release_freed_host_memory
 
     baseline = _vm_rss_kib()  # torch, diffusers, the interpreter: what the memory model does not count
     torch.manual_seed(0)
@@ -115,6 +107,8 @@ def step(setting: str, resolution: int, trim: bool = False) -> dict:
         from library.memory.int8 import quantize_int8
 
         int8_layers = len(quantize_int8(unet).modules)
+    if setting in ("c", "d", "e"):
+        release_freed_host_memory()  # as library/training/memory_setup.py does after converting
     net = lora.create_network(1.0, LORA_RANK, 1.0, None, None, unet)
     net.apply_to(None, unet, False, True)
     groups, _ = net.prepare_optimizer_params(None, None, 1e-4)
@@ -134,7 +128,7 @@ def step(setting: str, resolution: int, trim: bool = False) -> dict:
     context = torch.randn(1, 77, 768)
     timesteps = torch.tensor([500])
     built = time.perf_counter() - start
-    trimmed = trim and _malloc_trim()
+    trimmed = trim and release_freed_host_memory()
     rss_before = _vm_rss_kib()
     hwm_reset = _reset_hwm()
     start = time.perf_counter()

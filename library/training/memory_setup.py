@@ -9,6 +9,7 @@ import torch
 
 from library.config import TrainConfig
 from library.families.base import ModelBundle, ModelFamily
+from library.memory.host import release_freed_host_memory
 
 log = logging.getLogger("loratrain")
 
@@ -26,6 +27,7 @@ def apply_fp8(config: TrainConfig, bundle: ModelBundle) -> None:
             # stays in the compute dtype (kohya patches T5 for the same reason).
             count += len(store_fp8(te, include=lambda name, _: not name.endswith(".wo")).modules)
     log.info("fp8 base weights: %d Linear layers stored as float8_e4m3fn", count)
+    release_freed_host_memory()  # the wider copies just freed, or RSS keeps their size
 
 
 def apply_quantize_base(config: TrainConfig, bundle: ModelBundle) -> None:
@@ -44,6 +46,7 @@ def apply_quantize_base(config: TrainConfig, bundle: ModelBundle) -> None:
         handle.bytes_after / 2**20,
         f"; {len(handle.skipped)} left as loaded (shape)" if handle.skipped else "",
     )
+    release_freed_host_memory()
 
 
 def place_denoiser(

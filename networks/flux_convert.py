@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 
 from library.errors import UserError
-from networks.key_aliases import PartAlias, fuse_parts
+from networks.key_aliases import PartAlias, fuse_parts, group_by_module
 
 StateDict = dict[str, torch.Tensor]
 _DOWN, _UP, _ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
@@ -67,22 +67,6 @@ def _te_path(name: str) -> str | None:
     return None
 
 
-def _modules(
-    state: Mapping[str, torch.Tensor], suffixes: tuple[str, ...]
-) -> dict[str, dict[str, torch.Tensor]]:
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    unknown = []
-    for key, value in state.items():
-        suffix = next((s for s in suffixes if key.endswith("." + s)), None)
-        if suffix is None:
-            unknown.append(key)
-            continue
-        modules.setdefault(key[: -len(suffix) - 1], {})[suffix] = value
-    if unknown:
-        raise UserError(f"{len(unknown)} keys are not LoRA weights of this layout: {', '.join(unknown[:5])}")
-    return modules
-
-
 def _split_fused(
     down: torch.Tensor, up: torch.Tensor, sizes: list[int]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -100,7 +84,7 @@ def _split_fused(
 
 def kohya_to_diffusers(state: Mapping[str, torch.Tensor]) -> StateDict:
     """kohya FLUX LoRA -> `transformer.<path>.lora_A/lora_B.weight` (alpha / rank baked into lora_B)."""
-    modules = _modules(state, (_DOWN, _UP, _ALPHA))
+    modules = group_by_module(state, (_DOWN, _UP, _ALPHA))
     table = _unet_table(*_block_counts(list(modules), r"double_blocks_(\d+)_", r"single_blocks_(\d+)_"))
     out: StateDict = {}
     unknown = []
@@ -148,7 +132,7 @@ def _inverse_table(paths: list[str]) -> dict[str, tuple[str, int, int]]:
 
 def diffusers_to_kohya(state: Mapping[str, torch.Tensor]) -> StateDict:
     """diffusers / AI-Toolkit FLUX LoRA -> kohya names, fusing the parts of qkv / linear1."""
-    modules = _modules(state, (_A, _B, _ALPHA))
+    modules = group_by_module(state, (_A, _B, _ALPHA))
     inverse = _inverse_table([p.removeprefix("transformer.") for p in modules])
     out: StateDict = {}
     groups: dict[str, dict[int, dict[str, torch.Tensor]]] = {}

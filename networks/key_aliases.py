@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from library.errors import UserError
 from networks.targets import Target, kohya_name
 
 _PEFT_SUFFIXES = {
@@ -150,3 +151,21 @@ def to_kohya_keys(
         fused = fuse_parts(whole, parts)
         out.update(fused if fused is not None else originals[whole.name])  # unfusable: left for the check
     return out
+
+
+def group_by_module(
+    state: Mapping[str, torch.Tensor], suffixes: tuple[str, ...]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """{module name: {suffix: tensor}} for keys ending in one of `suffixes` (e.g. lora_down.weight); any other
+    key is a UserError naming the first few."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, value in state.items():
+        suffix = next((s for s in suffixes if key.endswith("." + s)), None)
+        if suffix is None:
+            unknown.append(key)
+            continue
+        modules.setdefault(key[: -len(suffix) - 1], {})[suffix] = value
+    if unknown:
+        raise UserError(f"{len(unknown)} keys are not LoRA weights of this layout: {', '.join(unknown[:5])}")
+    return modules

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 
 from library.errors import UserError
-from networks.key_aliases import to_kohya_keys
+from networks.key_aliases import group_by_module, to_kohya_keys
 from networks.ops.family_tables import best_targets, family_aliases
 from networks.targets import Target
 
@@ -35,29 +35,13 @@ def diffusers_path(target: Target) -> str:
     return f"{_TE_COMPONENTS[target.te_index]}.text_model.{bare}"
 
 
-def _module_names(
-    state: Mapping[str, torch.Tensor], suffixes: tuple[str, ...]
-) -> dict[str, dict[str, torch.Tensor]]:
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    unknown = []
-    for key, value in state.items():
-        suffix = next((s for s in suffixes if key.endswith("." + s)), None)
-        if suffix is None:
-            unknown.append(key)
-            continue
-        modules.setdefault(key[: -len(suffix) - 1], {})[suffix] = value
-    if unknown:
-        raise UserError(f"{len(unknown)} keys are not LoRA weights of this layout: {', '.join(unknown[:5])}")
-    return modules
-
-
 def _widths(modules: Mapping[str, Mapping[str, torch.Tensor]], down: str) -> dict[str, int]:
     return {name: int(t[down].shape[1]) for name, t in modules.items() if down in t}
 
 
 def kohya_to_diffusers(state: Mapping[str, torch.Tensor], family: str) -> StateDict:
     """kohya SD/SDXL LoRA -> diffusers/PEFT keys, alpha / rank baked into lora_B."""
-    modules = _module_names(state, (_DOWN, _UP, _ALPHA))
+    modules = group_by_module(state, (_DOWN, _UP, _ALPHA))
     size, table = best_targets(family, _widths(modules, _DOWN))
     aliases = family_aliases(family, size)  # diffusers-style kohya names (lora_unet_down_blocks_... for SDXL)
     out: StateDict = {}
@@ -82,7 +66,7 @@ def kohya_to_diffusers(state: Mapping[str, torch.Tensor], family: str) -> StateD
 
 def diffusers_to_kohya(state: Mapping[str, torch.Tensor], family: str) -> StateDict:
     """diffusers/PEFT SD/SDXL LoRA -> kohya names (alpha = rank when the file has none)."""
-    modules = _module_names(state, (_A, _B, _ALPHA, "lora_A.default.weight", "lora_B.default.weight"))
+    modules = group_by_module(state, (_A, _B, _ALPHA, "lora_A.default.weight", "lora_B.default.weight"))
     size, table = best_targets(family, _widths(modules, _A))
     aliases = family_aliases(family, size)
     out = to_kohya_keys(state, aliases)

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import warnings
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -68,26 +64,6 @@ def assert_same_deltas(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
     assert set(a) == set(b)
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-5), key
-
-
-def load_into_pipeline(pipe, path: Path) -> list[str]:
-    """`pipe.load_lora_weights(path)`; returns the warnings diffusers/peft/transformers gave about keys."""
-    messages: list[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
-    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "peft")]
-    for lg in loggers:
-        lg.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pipe.load_lora_weights(str(path))
-    finally:
-        for lg in loggers:
-            lg.removeHandler(handler)
-    messages += [str(w.message) for w in caught]
-    words = ("unexpected", "missing", "ignored", "unsupported", "incompatible")
-    return [m for m in messages if any(w in m.lower() for w in words)]
 
 
 def flux_inputs(batch: int = 2, length: int = 16, tokens: int = 8, seed: int = 3) -> dict[str, torch.Tensor]:

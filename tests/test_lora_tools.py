@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import logging
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from pipeline_helpers import load_into_pipeline
 
 from library.families.tiny import build_tiny_sd
 from library.families.tiny_flux import build_tiny_flux
@@ -168,21 +167,7 @@ def test_converted_sdxl_file_loads_in_diffusers(models, tmp_path: Path, capsys):
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(
         str(save_diffusers_folder(model, tmp_path / "m"))
     )
-    messages: list[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
-    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "peft")]
-    for lg in loggers:
-        lg.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pipe.load_lora_weights(str(dest))
-    finally:
-        for lg in loggers:
-            lg.removeHandler(handler)
-    messages += [str(w.message) for w in caught]
-    assert [m for m in messages if any(w in m.lower() for w in ("unexpected", "missing", "ignored"))] == []
+    assert load_into_pipeline(pipe, dest) == []
     n_unet = sum(k.startswith("lora_unet_") for k in state) // 3
     assert sum(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules()) == n_unet
     # diffusers' UNet with its PEFT layers computes base + Σ ΔW, the kohya file's deltas

@@ -12,9 +12,9 @@ from flux_lora_helpers import (
     diffusers_deltas,
     flux_inputs,
     kohya_deltas,
-    load_into_pipeline,
     random_network,
 )
+from pipeline_helpers import load_into_pipeline
 from torch import nn
 
 from networks.flux_convert import kohya_to_diffusers

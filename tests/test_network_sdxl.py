@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import re
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from pipeline_helpers import load_into_pipeline
 
 from library.families.tiny_sdxl import REAL_UNET_CONFIG, build_tiny_sdxl, save_diffusers_folder
 from networks.lora import create_network
@@ -137,21 +136,7 @@ def test_diffusers_sdxl_pipeline_consumes_every_key(tiny, tmp_path: Path, kwargs
     n_te2 = len(network.text_encoder_loras) - n_te1
 
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(folder))
-    messages: list[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
-    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "peft")]
-    for lg in loggers:
-        lg.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pipe.load_lora_weights(str(path))
-    finally:
-        for lg in loggers:
-            lg.removeHandler(handler)
-    messages += [str(w.message) for w in caught]
-    assert [m for m in messages if any(w in m.lower() for w in ("unexpected", "missing", "ignored"))] == []
+    assert load_into_pipeline(pipe, path) == []
     assert sum(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules()) == n_unet
     assert sum(isinstance(m, BaseTunerLayer) for m in pipe.text_encoder.modules()) == n_te1
     assert sum(isinstance(m, BaseTunerLayer) for m in pipe.text_encoder_2.modules()) == n_te2
